@@ -1,0 +1,163 @@
+"""Device backends: where memory comes from and where task bodies run.
+
+The scheduler talks to one :class:`Device`. :class:`CpuDevice` is the fallback used
+with no CUDA (or ``device="cpu"``): the budget is declared, streams and events are
+no-ops, nothing is measured. ``CudaDevice`` (in :mod:`gpuctx._cuda`, imported only
+when CUDA is asked for) gives each execution context its own CUDA stream shared by
+torch and CuPy, records/waits CUDA events between contexts, measures model sizes,
+releases memory for real on eviction and offloads weights to pinned host RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+
+from .errors import ConfigError
+from .units import GB
+
+__all__ = ["Device", "CpuDevice", "ReleaseReport", "make_device", "DEFAULT_CPU_BUDGET"]
+
+DEFAULT_CPU_BUDGET = 16 * GB
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    """What an unload gave back: bytes confirmed free, and bytes still held by outside references."""
+
+    freed: int | None = None
+    still_referenced: bool = False
+    seconds: float = 0.0
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What the scheduler needs from a device. Every method is thread-safe."""
+
+    name: str
+
+    def capacity(self) -> int:
+        """Bytes the scheduler may plan with before the safety factor (declared, or total minus other processes)."""
+
+    def get_stream(self, context: str) -> Any:
+        """The stream of ``context`` (created lazily), or ``None`` where streams do not exist."""
+
+    def stream_scope(self, context: str) -> ContextManager[Any]:
+        """Make ``context``'s stream current for torch and CuPy in this thread for the ``with`` body."""
+
+    def record_event(self, context: str) -> Any:
+        """Record an event on ``context``'s stream and return it (``None`` on CPU)."""
+
+    def wait_event(self, context: str, event: Any) -> None:
+        """Make ``context``'s stream wait for ``event`` without blocking the host."""
+
+    def synchronize(self, event: Any) -> None:
+        """Block the calling thread until ``event`` has completed."""
+
+    def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
+        """Run ``loader`` on ``context``'s stream; return the object and the bytes it measurably took."""
+
+    def release(self, name: str, obj: Any, expected: int) -> ReleaseReport:
+        """Drop ``obj`` (the caller holds no other reference), free caches, confirm memory came back."""
+
+    def can_offload(self, obj: Any) -> bool:
+        """True when ``obj`` can be moved to host RAM and back."""
+
+    def offload(self, context: str, obj: Any) -> Any:
+        """Move ``obj``'s weights to (pinned) host memory; return what :meth:`restore` takes."""
+
+    def restore(self, context: str, obj: Any) -> Any:
+        """Move an offloaded object back to the device."""
+
+    def is_oom(self, exc: BaseException) -> bool:
+        """True when ``exc`` is an out-of-memory error of torch or CuPy."""
+
+    def empty_caches(self) -> None:
+        """Return cached but unused blocks of torch and CuPy to the driver."""
+
+    def close(self) -> None:
+        """Release streams and pools."""
+
+
+class CpuDevice:
+    """No GPU: a declared budget, no streams, no events, nothing measured."""
+
+    def __init__(self, budget: int = DEFAULT_CPU_BUDGET) -> None:
+        self.name = "cpu"
+        self._budget = budget
+
+    def capacity(self) -> int:
+        return self._budget
+
+    def get_stream(self, context: str) -> None:
+        return None
+
+    def stream_scope(self, context: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def record_event(self, context: str) -> None:
+        return None
+
+    def wait_event(self, context: str, event: Any) -> None:
+        return None
+
+    def synchronize(self, event: Any) -> None:
+        return None
+
+    def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
+        return loader(), None
+
+    def release(self, name: str, obj: Any, expected: int) -> ReleaseReport:
+        import weakref
+
+        try:
+            ref = weakref.ref(obj)
+        except TypeError:
+            ref = None
+        del obj
+        if ref is not None and ref() is not None:
+            gc.collect()
+        return ReleaseReport(freed=None, still_referenced=ref is not None and ref() is not None)
+
+    def can_offload(self, obj: Any) -> bool:
+        return False
+
+    def offload(self, context: str, obj: Any) -> Any:
+        return obj
+
+    def restore(self, context: str, obj: Any) -> Any:
+        return obj
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return type(exc).__name__ in ("OutOfMemoryError",) or isinstance(exc, MemoryError)
+
+    def empty_caches(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def make_device(spec: str, budget: int | None) -> Device:
+    """Build the device named by ``spec`` (``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"device={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if spec == "cpu":
+        return CpuDevice(DEFAULT_CPU_BUDGET if budget is None else budget)
+    if spec == "auto" or spec == "cuda" or spec.startswith("cuda:"):
+        index = 0
+        if spec.startswith("cuda:"):
+            try:
+                index = int(spec[5:])
+            except ValueError:
+                raise ConfigError(f"device={spec!r}: expected 'cuda:N' with N a card index like 'cuda:0'") from None
+        from . import _cuda
+
+        if not _cuda.cuda_available():
+            if spec == "auto":
+                return CpuDevice(DEFAULT_CPU_BUDGET if budget is None else budget)
+            raise ConfigError(f"device={spec!r}: no CUDA device is visible to torch or CuPy; use device='cpu'")
+        return _cuda.CudaDevice(index, budget)
+    raise ConfigError(f"device={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -1,0 +1,89 @@
+"""VRAM accounting: the one place that knows how many bytes are spoken for.
+
+Each slot (a model or execution context) is charged ``max(reserved, used)``: ``reserved``
+is its QoS base reservation (held even while nothing is loaded), ``used`` what its
+resident model or running label work takes. The sum of charges never exceeds the
+budget: :meth:`Ledger.activate` refuses a charge that would break that, so the caller
+waits (the victims of an eviction may still be unloading). Memory promised to a load
+that waits for its victims is a *claim*; the policy counts claims, the invariant does
+not need to.
+
+Not thread-safe on its own: the scheduler calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from .errors import AdmissionError
+from .units import format_size
+
+__all__ = ["Ledger"]
+
+
+class Ledger:
+    """Per-slot reserved/used/claim bytes under a fixed budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.reserved: dict[str, int] = {}
+        self.used: dict[str, int] = {}
+        self.claims: dict[str, int] = {}
+        self.peak = 0
+
+    def charge(self, name: str) -> int:
+        """Bytes counted for ``name`` now."""
+        return max(self.reserved.get(name, 0), self.used.get(name, 0))
+
+    def committed(self) -> int:
+        """Bytes counted for every slot (never above the budget)."""
+        names = self.reserved.keys() | self.used.keys()
+        return sum(self.charge(n) for n in names)
+
+    def free(self) -> int:
+        """Budget minus committed bytes."""
+        return self.budget - self.committed()
+
+    def reserve_base(self, name: str, nbytes: int) -> None:
+        """Hold ``nbytes`` for ``name`` from now on (QoS admission); AdmissionError when it does not fit."""
+        extra = max(nbytes, self.used.get(name, 0)) - self.charge(name)
+        other_reserved = sum(v for k, v in self.reserved.items() if k != name)
+        if nbytes > self.budget - other_reserved or extra > self.free():
+            raise AdmissionError(
+                f"context {name!r}: cannot reserve {format_size(nbytes)}; budget {format_size(self.budget)}, "
+                f"committed {format_size(self.committed())}, reserved by other contexts {format_size(other_reserved)}, "
+                f"free {format_size(self.free())}"
+            )
+        self.reserved[name] = nbytes
+        self._note_peak()
+
+    def drop_base(self, name: str) -> None:
+        """Stop holding ``name``'s base reservation."""
+        self.reserved.pop(name, None)
+
+    def can_activate(self, name: str, nbytes: int) -> bool:
+        """True when ``name`` may count ``nbytes`` as used without exceeding the budget."""
+        delta = max(self.reserved.get(name, 0), nbytes) - self.charge(name)
+        return delta <= self.free()
+
+    def activate(self, name: str, nbytes: int) -> None:
+        """Count ``nbytes`` as used by ``name`` (its claim, if any, is settled)."""
+        if not self.can_activate(name, nbytes):
+            raise AssertionError(f"ledger: {name!r} would exceed the budget")  # callers check first
+        self.claims.pop(name, None)
+        self.used[name] = nbytes
+        self._note_peak()
+
+    def grow(self, name: str, nbytes: int) -> int:
+        """Set ``name``'s use to a measured ``nbytes``; return bytes over budget (0 when it fits)."""
+        self.used[name] = nbytes
+        self._note_peak()
+        return max(0, self.committed() - self.budget)
+
+    def release(self, name: str) -> None:
+        """``name`` uses nothing any more (its base reservation stays)."""
+        self.used.pop(name, None)
+        self.claims.pop(name, None)
+
+    def _note_peak(self) -> None:
+        c = self.committed()
+        if c > self.peak:
+            self.peak = c

@@ -1,0 +1,143 @@
+"""Models and execution contexts as the scheduler keeps them.
+
+A :class:`Slot` is one named execution context: at most one model object, a VRAM
+size, a QoS tier with its reservation, a queue of ready tasks, and its own worker and
+stream. ``@gpuctx.model`` fills a slot's loader; ``create_context`` sets its QoS; a
+``@gpu_task(model=...)`` naming a slot nobody registered makes a *label*: no loader,
+its VRAM held only while its tasks run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import policy
+from .errors import ConfigError
+from .units import format_size
+
+__all__ = ["QoS", "Slot", "OVERFLOW_POLICIES"]
+
+OVERFLOW_POLICIES = ("block", "reject", "drop_oldest")
+
+
+class QoS:
+    """QoS tiers of an execution context (PyGPUkit's names)."""
+
+    BEST_EFFORT = policy.BEST_EFFORT
+    BURSTABLE = policy.BURSTABLE
+    GUARANTEED = policy.GUARANTEED
+    _NAMES = {0: "BEST_EFFORT", 1: "BURSTABLE", 2: "GUARANTEED"}
+
+    @classmethod
+    def parse(cls, value: object) -> int:
+        """Accept a tier constant or its name (any case); ConfigError otherwise."""
+        if isinstance(value, int) and not isinstance(value, bool) and value in cls._NAMES:
+            return value
+        if isinstance(value, str):
+            key = value.strip().upper().replace("-", "_")
+            for k, v in cls._NAMES.items():
+                if v == key:
+                    return k
+        raise ConfigError(f"qos={value!r}: expected gpuctx.QoS.GUARANTEED, BURSTABLE or BEST_EFFORT")
+
+    @classmethod
+    def name(cls, tier: int) -> str:
+        """The tier's name."""
+        return cls._NAMES[tier]
+
+
+_seq = itertools.count()
+
+
+@dataclass(eq=False)
+class Slot:
+    """Runtime state of one model/context. Mutated only under the scheduler's lock."""
+
+    name: str
+    size: int = 0
+    size_source: str = "label"          # "declared", "task", "measured", "auto", "label"
+    loader: Callable[[], Any] | None = None
+    unloader: Callable[[Any], Any] | None = None
+    priority: int = 0
+    pin: bool = False
+    keep_alive: float | None = None     # None: scheduler default
+    offload: bool | None = None         # None: offload when the object supports it
+    qos: int = policy.BURSTABLE
+    base: int = 0
+    max_vram: int | None = None
+    max_queue: int | None = None
+    overflow: str = "block"
+    explicit_context: bool = False
+
+    state: str = policy.ABSENT
+    obj: Any = None
+    busy: bool = False
+    last_used: float = 0.0
+    load_cost: float = 1.0
+    queued: int = 0
+    pending: int = 0
+    loads: int = 0
+    _heap: list = field(default_factory=list)
+    _fifo: deque = field(default_factory=deque)
+
+    @property
+    def is_label(self) -> bool:
+        """A slot with no loader: VRAM held only while its tasks run."""
+        return self.loader is None
+
+    def describe_size(self) -> str:
+        return f"{format_size(self.size)} ({self.size_source})"
+
+    # -- queue: priority first, then submission order; lazy deletion of withdrawn tasks
+    def push(self, task: Any) -> None:
+        heapq.heappush(self._heap, (-task.priority, next(_seq), task))
+        self._fifo.append(task)
+        self.queued += 1
+
+    def peek(self) -> Any:
+        from .task import TaskState
+
+        while self._heap and self._heap[0][2].state is not TaskState.QUEUED:
+            heapq.heappop(self._heap)
+        return self._heap[0][2] if self._heap else None
+
+    def pop(self) -> Any:
+        task = self.peek()
+        if task is not None:
+            heapq.heappop(self._heap)
+            self.queued -= 1
+        return task
+
+    def take_matching(self, key: Any, limit: int) -> list:
+        """Pop up to ``limit`` queued tasks whose ``_batch_key`` is ``key``, best first."""
+        from .task import TaskState
+
+        taken, keep = [], []
+        for entry in sorted(self._heap):
+            task = entry[2]
+            if task.state is not TaskState.QUEUED:
+                continue
+            if len(taken) < limit and task._batch_key == key:
+                taken.append(task)
+            else:
+                keep.append(entry)
+        heapq.heapify(keep)
+        self._heap = keep
+        self.queued -= len(taken)
+        return taken
+
+    def oldest_queued(self) -> Any:
+        """The queued task that became ready first (for drop_oldest and staleness)."""
+        from .task import TaskState
+
+        while self._fifo and self._fifo[0].state is not TaskState.QUEUED:
+            self._fifo.popleft()
+        return self._fifo[0] if self._fifo else None
+
+    def head_priority(self) -> int:
+        head = self.peek()
+        return head.priority if head is not None else 0

@@ -1,0 +1,121 @@
+"""A point-in-time summary of the scheduler, printable and shown as an HTML table in notebooks."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .models import QoS
+from .units import format_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scheduler import Scheduler
+
+__all__ = ["Status", "ModelRow", "TaskRow"]
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model/context in the summary."""
+
+    name: str
+    state: str
+    size: int
+    size_source: str
+    used: int
+    priority: int
+    qos: str
+    pinned: bool
+    loads: int
+    queued: int
+    pending: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One live task."""
+
+    id: int
+    name: str
+    model: str
+    state: str
+    stream: str
+
+
+@dataclass(frozen=True)
+class Status:
+    """Budget, what is committed, each model, and the live tasks."""
+
+    device: str
+    budget: int
+    committed: int
+    models: tuple[ModelRow, ...]
+    tasks: tuple[TaskRow, ...]
+    healthy: bool
+    problems: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sched: "Scheduler") -> "Status":
+        """Take the summary now."""
+        with sched._cond:
+            led = sched._ledger
+            models = tuple(
+                ModelRow(s.name, s.state, s.size, s.size_source, led.charge(s.name), s.priority, QoS.name(s.qos),
+                         s.pin, s.loads, s.queued, s.pending, s.last_used)
+                for s in sched._slots.values()
+            )
+            tasks = tuple(
+                TaskRow(t.id, t.name, t.model, t.state.value, "cpu" if t._on_cpu else t.model)
+                for t in sorted(sched._live, key=lambda t: t.id)
+            )
+            budget, committed = led.budget, led.committed()
+        ok, problems = sched.healthy()
+        return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems))
+
+    @property
+    def free(self) -> int:
+        """Budget minus committed."""
+        return self.budget - self.committed
+
+    def __str__(self) -> str:
+        lines = [
+            f"gpuctx on {self.device}: budget {format_size(self.budget)}, used {format_size(self.committed)}, "
+            f"free {format_size(self.free)}" + ("" if self.healthy else f" — UNHEALTHY: {'; '.join(self.problems)}")
+        ]
+        for m in self.models:
+            lines.append(
+                f"  {m.name:<14} {m.state:<9} {format_size(m.size):>9} ({m.size_source}) counted {format_size(m.used):>9} "
+                f"prio {m.priority} {m.qos.lower()}{' pinned' if m.pinned else ''} loads {m.loads} "
+                f"queued {m.queued} waiting {m.pending}"
+            )
+        running = [t for t in self.tasks if t.state == "running"]
+        lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
+                     + "".join(f"\n    #{t.id} {t.name} on stream {t.stream}" for t in running))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        pct = 0 if self.budget == 0 else min(100, round(100 * self.committed / self.budget))
+        head = (
+            f"<div class='gpuctx-status'><b>gpuctx</b> on <code>{e(self.device)}</code> — budget "
+            f"{format_size(self.budget)}, used {format_size(self.committed)}, free {format_size(self.free)}"
+            f"<div style='background:#eee;width:300px;height:8px'><div style='background:#1565c0;width:{pct}%;height:8px'></div></div>"
+        )
+        if not self.healthy:
+            head += f"<div style='color:#c62828'>unhealthy: {e('; '.join(self.problems))}</div>"
+        cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting")
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                m.name, m.state, f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
+                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)) + "</tr>"
+            for m in self.models
+        )
+        table = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"
+        running = "".join(f"<li>#{t.id} {e(t.name)} ({e(t.model)}) on stream <code>{e(t.stream)}</code></li>"
+                          for t in self.tasks if t.state == "running")
+        tasks = f"<div>{len(self.tasks)} live tasks</div>" + (f"<ul>{running}</ul>" if running else "")
+        return head + table + tasks + "</div>"
