@@ -511,7 +511,6 @@ class Scheduler:
         if policy_name == "drop_oldest":
             victim = slot.oldest_queued()
             if victim is not None:
-                self._withdraw_locked(victim)
                 self._fail_locked(victim, Overloaded(
                     f"{victim.name} (Task #{victim.id}): dropped from {slot.name!r}'s full queue "
                     f"(max_queue={slot.max_queue}, overflow='drop_oldest') for newer work"), to_resolve)
@@ -1266,9 +1265,9 @@ def _resolve(items: list) -> None:
             Future.set_result(task, value)
         elif kind == "cancel":
             Future.cancel(task)
-            # A cancelled Future raises CancelledError; our dependents already got DependencyError.
-            with task._condition:
-                task._condition.notify_all()
+            # Like an executor's worker: move CANCELLED to CANCELLED_AND_NOTIFIED so that
+            # concurrent.futures.wait() and as_completed() count the task as done.
+            Future.set_running_or_notify_cancel(task)
         else:
             task._pending_error = value
             Future.set_exception(task, value)
