@@ -59,8 +59,9 @@ class Device(Protocol):
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
         """Run ``loader`` on ``context``'s stream; return the object and the bytes it measurably took."""
 
-    def release(self, name: str, obj: Any, expected: int) -> ReleaseReport:
-        """Drop ``obj`` (the caller holds no other reference), free caches, confirm memory came back."""
+    def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
+        """Pop the object out of the one-element list ``holder`` (so the caller keeps no reference),
+        drop it, free caches, confirm that ``expected`` bytes came back."""
 
     def can_offload(self, obj: Any) -> bool:
         """True when ``obj`` can be moved to host RAM and back."""
@@ -109,16 +110,10 @@ class CpuDevice:
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
         return loader(), None
 
-    def release(self, name: str, obj: Any, expected: int) -> ReleaseReport:
-        import weakref
-
-        try:
-            ref = weakref.ref(obj)
-        except TypeError:
-            ref = None
-        del obj
+    def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
+        ref = _weak(holder.pop())
         if ref is not None and ref() is not None:
-            gc.collect()
+            gc.collect()   # reference cycles inside the model
         return ReleaseReport(freed=None, still_referenced=ref is not None and ref() is not None)
 
     def can_offload(self, obj: Any) -> bool:
@@ -137,6 +132,16 @@ class CpuDevice:
         return None
 
     def close(self) -> None:
+        return None
+
+
+def _weak(obj: Any) -> Any:
+    """A weak reference to ``obj``, or None for objects that cannot have one (then nothing is reported)."""
+    import weakref
+
+    try:
+        return weakref.ref(obj)
+    except TypeError:
         return None
 
 

@@ -427,7 +427,10 @@ class Scheduler:
             task.device = "cpu" if on_cpu else self._device.name
             task.submitted_at = self._clock()
             self._live.add(task)
-            self._fn_live.setdefault(spec.fn, weakref.WeakSet()).add(task)
+            live = self._fn_live.get(spec.fn)
+            if live is None:
+                live = self._fn_live[spec.fn] = weakref.WeakSet()
+            live.add(task)
             if not on_cpu:
                 slot.pending += 1
             self.trace.record("submit", task=task.id, name=spec.name, model=spec.model, t=task.submitted_at)
@@ -934,8 +937,8 @@ class Scheduler:
                         warn = f"model {slot.name!r}: unload raised {type(exc).__name__}: {exc}; its object was dropped anyway"
                 slot.obj = None
                 if obj is not None:
-                    report = self._device.release(slot.name, obj, nbytes)
-                    obj = None
+                    holder, obj = [obj], None   # the device pops it: no reference left here
+                    report = self._device.release(slot.name, holder, nbytes)
                     if report.still_referenced:
                         warn = (f"model {slot.name!r} was evicted but its object is still referenced elsewhere "
                                 f"(a notebook variable?); {format_size(nbytes)} stay allocated until that reference is dropped")
@@ -1204,8 +1207,13 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -
         del sched
 
 
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
 def _collect_tasks(args: tuple, kwargs: dict) -> list[Task]:
     found: list[Task] = []
+    if all(type(a) in _SCALARS for a in args) and all(type(v) in _SCALARS for v in kwargs.values()):
+        return found   # the common case, without the walk
 
     def walk(x: Any) -> None:
         if isinstance(x, Task):

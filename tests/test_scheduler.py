@@ -582,3 +582,30 @@ def test_shrinking_budget_below_what_is_loaded_is_refused(fresh):
     with pytest.raises(gpuctx.ConfigError, match="below what is committed"):
         gpuctx.configure(budget="4GB")
     assert f().result(TIMEOUT) == 1
+
+
+class _Weights:
+    """A stand-in model object that can be weakly referenced."""
+
+
+def test_eviction_warns_when_a_notebook_variable_still_holds_the_model(fresh):
+    keep = []
+
+    @gpuctx.model("m", vram="1GB")
+    def load():
+        return _Weights()
+
+    @gpuctx.gpu_task(model="m")
+    def grab():
+        keep.append(gpuctx.current_model())   # like `w = model` in a notebook cell
+
+    grab().result(TIMEOUT)
+    with pytest.warns(RuntimeWarning, match=r"'m' was evicted but its object is still referenced.*1 GB"):
+        gpuctx.evict("m")
+    keep.clear()
+
+    grab.options()().result(TIMEOUT)
+    keep.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpuctx.evict("m")    # nobody else holds it now: no warning

@@ -1,0 +1,161 @@
+"""Scheduler overhead: no-op throughput (µs/task) and dependency-chain latency (µs/link).
+
+One command, one run: gpuctx through its full scheduler (CPU device), a
+``concurrent.futures.ThreadPoolExecutor`` as the baseline, and Ray tasks and Dask
+distributed (in-process cluster) when the ``bench`` extra is installed. Each row is
+the median of ``--repeat`` runs; ratios are against the thread pool of the same run.
+
+    python bench/overhead.py [--tasks 20000] [--chain 2000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as fwait
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import gpuctx  # noqa: E402
+
+
+def noop(x=None):
+    return x
+
+
+def median_us(fn, n: int, repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(n)
+        samples.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------- thread pool
+def pool_throughput(pool: ThreadPoolExecutor):
+    def run(n: int) -> None:
+        fwait([pool.submit(noop, i) for i in range(n)])
+    return run
+
+
+def pool_chain(pool: ThreadPoolExecutor):
+    def run(n: int) -> None:
+        done: Future = Future()
+
+        def step(i: int, value):
+            if i == n:
+                done.set_result(value)
+                return
+            pool.submit(noop, value).add_done_callback(lambda f: step(i + 1, f.result()))
+
+        step(0, 0)
+        done.result()
+    return run
+
+
+# ----------------------------------------------------------------------------- gpuctx
+def gpuctx_throughput(fn):
+    def run(n: int) -> None:
+        gpuctx.wait([fn(i) for i in range(n)])
+    return run
+
+
+def gpuctx_chain(fn):
+    def run(n: int) -> None:
+        t = fn(0)
+        for _ in range(n - 1):
+            t = fn(t)
+        t.result()
+    return run
+
+
+# ----------------------------------------------------------------------------- peers
+def ray_rows(n: int, chain: int, repeat: int):
+    try:
+        import ray
+    except ImportError:
+        return None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    rnoop = ray.remote(noop)
+
+    def thr(k):
+        ray.get([rnoop.remote(i) for i in range(k)])
+
+    def ch(k):
+        r = rnoop.remote(0)
+        for _ in range(k - 1):
+            r = rnoop.remote(r)
+        ray.get(r)
+    thr(100)
+    rows = (median_us(thr, min(n, 5000), repeat), median_us(ch, min(chain, 500), repeat))
+    ray.shutdown()
+    return rows
+
+
+def dask_rows(n: int, chain: int, repeat: int):
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        return None
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        def thr(k):
+            client.gather(client.map(noop, range(k), pure=False))
+
+        def ch(k):
+            f = client.submit(noop, 0, pure=False)
+            for _ in range(k - 1):
+                f = client.submit(noop, f, pure=False)
+            f.result()
+        thr(100)
+        return median_us(thr, min(n, 5000), repeat), median_us(ch, min(chain, 500), repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=20000)
+    ap.add_argument("--chain", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--peers", action="store_true", help="also measure Ray and Dask (bench extra)")
+    a = ap.parse_args()
+
+    gpuctx.reset()
+    gpuctx.configure(device="cpu", budget="16GB")
+    fn = gpuctx.gpu_task(model="noop")(noop)
+    gpuctx_throughput(fn)(500)  # warm up: worker thread, slot
+
+    with ThreadPoolExecutor(max_workers=1) as pool1, ThreadPoolExecutor(max_workers=2) as pool2:
+        pool_throughput(pool1)(500)
+        rows = {
+            "ThreadPoolExecutor(1 worker)": (median_us(pool_throughput(pool1), a.tasks, a.repeat),
+                                             median_us(pool_chain(pool1), a.chain, a.repeat)),
+            "ThreadPoolExecutor(2 workers)": (median_us(pool_throughput(pool2), a.tasks, a.repeat),
+                                              median_us(pool_chain(pool2), a.chain, a.repeat)),
+            "gpuctx (CPU device, 1 model)": (median_us(gpuctx_throughput(fn), a.tasks, a.repeat),
+                                             median_us(gpuctx_chain(fn), a.chain, a.repeat)),
+        }
+    if a.peers:
+        for name, f in (("Ray tasks", ray_rows), ("Dask distributed (in-process)", dask_rows)):
+            r = f(a.tasks, a.chain, a.repeat)
+            if r is not None:
+                rows[name] = r
+    gpuctx.shutdown()
+
+    base_t, base_c = rows["ThreadPoolExecutor(1 worker)"]
+    print(f"# scheduler overhead — {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{a.tasks} no-op tasks, chain of {a.chain}, median of {a.repeat}")
+    print()
+    print("| runner | µs/task (no-op) | x thread pool | µs/link (chain) | x thread pool |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (t, c) in rows.items():
+        print(f"| {name} | {t:.1f} | {t / base_t:.2f} | {c:.1f} | {c / base_c:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

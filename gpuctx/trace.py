@@ -1,0 +1,371 @@
+"""The event log: what happened when, kept in a bounded ring buffer, and what it adds up to.
+
+The scheduler calls :meth:`Trace.record` (under its lock) for every submit, start, end,
+group start, load, unload, offload, restore, eviction decision (with its reason),
+keep-alive unload and OOM retry. The ring buffer keeps the last ``capacity`` events for
+:func:`timeline` and :func:`export_chrome`; :class:`Stats` is fed by the same call and
+stays complete when old events fall out of the buffer. Nothing here imports matplotlib
+or tqdm until a figure or a bar is asked for.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+__all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "export_chrome", "progress"]
+
+_SAMPLES = 10_000   # per-model wait/run samples kept for percentiles
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened; unused fields are None."""
+
+    t: float
+    kind: str
+    task: int | None = None
+    name: str | None = None
+    model: str | None = None
+    context: str | None = None
+    stream: str | None = None
+    nbytes: int | None = None
+    reason: str | None = None
+    vram: int | None = None
+    duration: float | None = None
+
+
+def _pct(values: Iterable[float], q: float) -> float:
+    xs = sorted(values)
+    if not xs:
+        return 0.0
+    k = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
+    return xs[k]
+
+
+class _ModelStats:
+    __slots__ = ("loads", "unloads", "offloads", "restores", "evictions", "load_seconds", "offload_seconds",
+                 "restore_seconds", "tasks", "failed", "waits", "runs")
+
+    def __init__(self) -> None:
+        self.loads = self.unloads = self.offloads = self.restores = self.evictions = 0
+        self.load_seconds = self.offload_seconds = self.restore_seconds = 0.0
+        self.tasks = self.failed = 0
+        self.waits: deque = deque(maxlen=_SAMPLES)
+        self.runs: deque = deque(maxlen=_SAMPLES)
+
+
+class StatsReport(dict):
+    """``Stats.as_dict()``: a plain dict that also shows as a table in notebooks."""
+
+    def to_text(self) -> str:
+        """A readable table."""
+        lines = [f"tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
+                 f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")]
+        lines.append(f"{'model':<14}{'loads':>6}{'unloads':>8}{'offl':>6}{'rest':>6}{'load s':>8}{'tasks':>7}"
+                     f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}")
+        for name, m in self["models"].items():
+            lines.append(f"{name:<14}{m['loads']:>6}{m['unloads']:>8}{m['offloads']:>6}{m['restores']:>6}"
+                         f"{m['load_seconds']:>8.2f}{m['tasks']:>7}{m['wait_p50'] * 1e3:>8.1f}ms"
+                         f"{m['wait_p95'] * 1e3:>8.1f}ms{m['run_p50'] * 1e3:>7.1f}ms")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        cols = ("model", "loads", "unloads", "offloads", "restores", "load s", "tasks", "failed",
+                "wait p50", "wait p95", "wait max", "run p50", "run p95", "run max")
+        ms = lambda v: f"{v * 1e3:.1f} ms"  # noqa: E731
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                name, m["loads"], m["unloads"], m["offloads"], m["restores"], f"{m['load_seconds']:.2f}", m["tasks"],
+                m["failed"], ms(m["wait_p50"]), ms(m["wait_p95"]), ms(m["wait_max"]), ms(m["run_p50"]),
+                ms(m["run_p95"]), ms(m["run_max"]))) + "</tr>"
+            for name, m in self["models"].items()
+        )
+        head = (f"<div>tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
+                f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB</div>")
+        return head + f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"
+
+
+class Stats:
+    """Running totals fed by :meth:`Trace.record`; ``as_dict()`` gives a :class:`StatsReport`."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, _ModelStats] = {}
+        self.tasks = self.failed = self.model_switches = 0
+        self.peak_vram = 0
+        self.budget: int | None = None
+        self._submitted: dict[int, float] = {}
+        self._started: dict[int, float] = {}
+        self._last_group: str | None = None
+
+    def _m(self, name: str | None) -> _ModelStats:
+        key = name or "?"
+        m = self.models.get(key)
+        if m is None:
+            m = self.models[key] = _ModelStats()
+        return m
+
+    def feed(self, e: Event) -> None:
+        """Account one event."""
+        if e.vram is not None and e.vram > self.peak_vram:
+            self.peak_vram = e.vram
+        k = e.kind
+        if k == "submit":
+            self._submitted[e.task] = e.t
+        elif k == "start":
+            self._started[e.task] = e.t
+            sub = self._submitted.pop(e.task, None)
+            if sub is not None:
+                self._m(e.model).waits.append(e.t - sub)
+        elif k == "end":
+            self._submitted.pop(e.task, None)
+            st = self._started.pop(e.task, None)
+            m = self._m(e.model)
+            if e.reason is None:
+                self.tasks += 1
+                m.tasks += 1
+                if st is not None:
+                    m.runs.append(e.t - st)
+            else:
+                self.failed += 1
+                m.failed += 1
+        elif k == "group_start":
+            if self._last_group is not None and self._last_group != e.model:
+                self.model_switches += 1
+            self._last_group = e.model
+        elif k == "load_end":
+            m = self._m(e.model)
+            m.loads += 1
+            m.load_seconds += e.duration or 0.0
+        elif k == "unload":
+            self._m(e.model).unloads += 1
+        elif k == "offload":
+            m = self._m(e.model)
+            m.offloads += 1
+            m.offload_seconds += e.duration or 0.0
+        elif k == "restore":
+            m = self._m(e.model)
+            m.restores += 1
+            m.restore_seconds += e.duration or 0.0
+        elif k in ("evict", "keep_alive"):
+            self._m(e.model).evictions += 1
+
+    def as_dict(self) -> StatsReport:
+        """Totals and per-model figures (seconds for times, bytes for VRAM)."""
+        models = {}
+        for name, m in self.models.items():
+            models[name] = {
+                "loads": m.loads, "unloads": m.unloads, "offloads": m.offloads, "restores": m.restores,
+                "evictions": m.evictions, "load_seconds": m.load_seconds, "offload_seconds": m.offload_seconds,
+                "restore_seconds": m.restore_seconds, "tasks": m.tasks, "failed": m.failed,
+                "wait_p50": _pct(m.waits, 0.5), "wait_p95": _pct(m.waits, 0.95), "wait_max": max(m.waits, default=0.0),
+                "run_p50": _pct(m.runs, 0.5), "run_p95": _pct(m.runs, 0.95), "run_max": max(m.runs, default=0.0),
+            }
+        return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
+                           tasks=self.tasks, failed=self.failed, models=models)
+
+
+class Trace:
+    """Ring buffer of :class:`Event` plus running :class:`Stats`."""
+
+    def __init__(self, capacity: int = 100_000, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._events: deque = deque(maxlen=capacity)
+        self._clock = clock
+        self.stats = Stats()
+
+    @property
+    def capacity(self) -> int:
+        """Events kept (older ones are dropped; stats stay complete)."""
+        return self._events.maxlen or 0
+
+    def resize(self, capacity: int) -> None:
+        """Keep the last ``capacity`` events from now on."""
+        self._events = deque(self._events, maxlen=capacity)
+
+    @property
+    def budget(self) -> int | None:
+        """The scheduler's budget (for plots)."""
+        return self.stats.budget
+
+    @budget.setter
+    def budget(self, value: int | None) -> None:
+        self.stats.budget = value
+
+    def record(self, kind: str, *, task: int | None = None, name: str | None = None, model: str | None = None,
+               context: str | None = None, stream: str | None = None, nbytes: int | None = None,
+               reason: str | None = None, vram: int | None = None, duration: float | None = None,
+               t: float | None = None) -> None:
+        """Append one event (``t`` defaults to now)."""
+        e = Event(self._clock() if t is None else t, kind, task, name, model, context, stream, nbytes, reason,
+                  vram, duration)
+        self._events.append(e)
+        self.stats.feed(e)
+
+    @property
+    def events(self) -> list[Event]:
+        """A copy of the kept events, oldest first."""
+        return list(self._events)
+
+    def clear(self) -> None:
+        """Forget events and stats."""
+        budget = self.stats.budget
+        self._events.clear()
+        self.stats = Stats()
+        self.stats.budget = budget
+
+
+def _events_of(source: Trace | Iterable[Event]) -> list[Event]:
+    return source.events if isinstance(source, Trace) else list(source)
+
+
+def _spans(events: list[Event]) -> tuple[list, list, list, dict]:
+    """(task spans, load spans, instants, vram steps per model) from events."""
+    starts: dict[int, Event] = {}
+    loads: dict[str, Event] = {}
+    tasks, load_spans, instants = [], [], []
+    vram: dict[str, list[tuple[float, int]]] = {}
+    cur: dict[str, int] = {}
+    for e in events:
+        if e.kind == "start":
+            starts[e.task] = e
+        elif e.kind == "end":
+            s = starts.pop(e.task, None)
+            if s is not None:
+                tasks.append((s.context or s.model or "?", s.stream, s.model, s.t, e.t, s.name, e.reason))
+        elif e.kind == "load_start":
+            loads[e.model] = e
+        elif e.kind in ("load_end", "restore"):
+            s = loads.pop(e.model, None)
+            t0 = s.t if s is not None else e.t - (e.duration or 0.0)
+            load_spans.append((e.model, t0, e.t, e.kind))
+        elif e.kind in ("unload", "offload", "evict", "oom_retry", "keep_alive"):
+            instants.append(e)
+        if e.kind in ("load_end", "restore") and e.nbytes:
+            cur[e.model] = e.nbytes
+            vram.setdefault(e.model, []).append((e.t, e.nbytes))
+        elif e.kind in ("unload", "offload") and e.model in cur:
+            cur.pop(e.model)
+            vram.setdefault(e.model, []).append((e.t, 0))
+    return tasks, load_spans, instants, vram
+
+
+def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: Any = None,
+             title: str | None = None) -> Any:
+    """A figure: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below."""
+    import matplotlib
+
+    if ax is None and matplotlib.get_backend().lower().startswith("module://") is False:
+        pass
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    events = _events_of(source)
+    if budget is None and isinstance(source, Trace):
+        budget = source.budget
+    tasks, load_spans, instants, vram = _spans(events)
+    t0 = events[0].t if events else 0.0
+    rows = sorted({r[0] for r in tasks} | {m for m, *_ in load_spans})
+    models = sorted({r[2] for r in tasks if r[2]} | {m for m, *_ in load_spans} | set(vram))
+    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(models)}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.45 * max(1, len(rows)) + 2), sharex=True,
+                                      gridspec_kw={"height_ratios": [max(1, len(rows)), 2]})
+    index = {r: i for i, r in enumerate(rows)}
+    by_row_model: dict[tuple[int, str], list] = {}
+    for ctx, _stream, model, s, e, _name, _reason in tasks:
+        by_row_model.setdefault((index[ctx], model), []).append((s - t0, max(e - s, 1e-9)))
+    for (row, model), spans in by_row_model.items():
+        top.broken_barh(spans, (row - 0.4, 0.8), facecolors=colour.get(model, "grey"))
+    for model, s, e, kind in load_spans:
+        if model in index:
+            top.broken_barh([(s - t0, max(e - s, 1e-9))], (index[model] - 0.4, 0.8), facecolors="white",
+                            edgecolors=colour.get(model, "grey"), hatch="///")
+    ev_x = [(e.t - t0, index[e.model]) for e in instants if e.model in index and e.kind in ("unload", "offload")]
+    if ev_x:
+        top.scatter([x for x, _ in ev_x], [y + 0.45 for _, y in ev_x], marker="v", color="black", s=18, zorder=3)
+    top.set_yticks(range(len(rows)))
+    top.set_yticklabels(rows)
+    top.set_ylim(-0.6, max(0.6, len(rows) - 0.4))
+    top.set_title(title or f"gpuctx timeline — {len(tasks)} tasks")
+    top.legend(handles=[Patch(color=colour[m], label=m) for m in models] +
+               [Patch(facecolor="white", edgecolor="black", hatch="///", label="load")],
+               loc="upper right", fontsize="small", ncol=min(6, len(models) + 1))
+    # VRAM stacked per model: step functions on a shared time grid.
+    times = sorted({t for steps in vram.values() for t, _ in steps})
+    if times:
+        xs = [t - t0 for t in times]
+        stacks = []
+        for m in models:
+            steps, level, out, i = vram.get(m, []), 0, [], 0
+            for t in times:
+                while i < len(steps) and steps[i][0] <= t:
+                    level = steps[i][1]
+                    i += 1
+                out.append(level / 1e9)
+            stacks.append(out)
+        bottom.stackplot(xs, stacks, step="post", colors=[colour[m] for m in models])
+    if budget:
+        bottom.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1, label="budget")
+        bottom.legend(loc="upper right", fontsize="small")
+    bottom.set_ylabel("VRAM (GB)")
+    bottom.set_xlabel("seconds")
+    fig.tight_layout()
+    return fig
+
+
+def export_chrome(source: Trace | Iterable[Event], path: str) -> None:
+    """Write Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing): tasks, loads, evictions, VRAM."""
+    events = _events_of(source)
+    tasks, load_spans, instants, vram = _spans(events)
+    t0 = events[0].t if events else 0.0
+    us = lambda t: (t - t0) * 1e6  # noqa: E731
+    tids: dict[str, int] = {}
+
+    def tid(ctx: str) -> int:
+        return tids.setdefault(ctx, len(tids) + 1)
+
+    out: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "gpuctx"}}]
+    for ctx, stream, model, s, e, name, reason in tasks:
+        out.append({"ph": "X", "pid": 1, "tid": tid(ctx), "name": name or "task", "cat": "task", "ts": us(s),
+                    "dur": (e - s) * 1e6, "args": {"model": model, "stream": stream, "status": reason or "done"}})
+    for model, s, e, kind in load_spans:
+        out.append({"ph": "X", "pid": 1, "tid": tid(model), "name": "restore" if kind == "restore" else "load",
+                    "cat": "model", "ts": us(s), "dur": (e - s) * 1e6, "args": {"model": model}})
+    for e in instants:
+        out.append({"ph": "i", "s": "t", "pid": 1, "tid": tid(e.model or "?"), "name": e.kind, "cat": "memory",
+                    "ts": us(e.t), "args": {"model": e.model, "bytes": e.nbytes, "reason": e.reason}})
+    for model, steps in vram.items():
+        for t, nbytes in steps:
+            out.append({"ph": "C", "pid": 1, "name": "VRAM", "ts": us(t), "args": {model: nbytes}})
+    for ctx, n in tids.items():
+        out.append({"ph": "M", "pid": 1, "tid": n, "name": "thread_name", "args": {"name": f"{ctx} (stream {ctx})"}})
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({"traceEvents": out, "displayTimeUnit": "ms"}, fh)
+
+
+def progress(futures: Iterable[Any], *, enabled: bool = True, desc: str = "gpuctx", timeout: float | None = None) -> None:
+    """Wait for ``futures`` with a tqdm bar (a widget in notebooks); silent when ``enabled`` is False."""
+    from concurrent.futures import as_completed, wait
+
+    items = list(futures)
+    if not enabled:
+        wait(items, timeout=timeout)
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        wait(items, timeout=timeout)
+        return
+    with tqdm(total=len(items), desc=desc) as bar:
+        try:
+            for _ in as_completed(items, timeout=timeout):
+                bar.update(1)
+        except TimeoutError:
+            pass
