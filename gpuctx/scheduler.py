@@ -1170,7 +1170,12 @@ class Session:
     def _exit(self) -> None:
         try:
             if self._token is not None:
-                _current.reset(self._token)
+                try:
+                    _current.reset(self._token)
+                except ValueError:
+                    # Left from another context than the one entered (IPython's post_run_cell after a
+                    # cell that ran as an asyncio task): that context, and our frame in it, is gone.
+                    pass
             if self._scope is not None:
                 self._scope.__exit__(None, None, None)
         finally:
