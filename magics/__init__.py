@@ -182,8 +182,9 @@ class GpuCtxMagics(Magics):
         if cmd == "status":
             st = gpuctx.status()
             if args.live and self.config_obj.live_status:
+                live = gpuctx.scheduler().tasks()
                 handle = display(st, display_id=True)
-                for task in gpuctx.scheduler().tasks():
+                for task in live:
                     try:
                         task.exception(timeout=60)
                     except Exception:  # noqa: BLE001 - cancelled or timed out: show the latest state anyway

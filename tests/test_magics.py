@@ -140,3 +140,36 @@ def test_config_traits_reach_configure(ip):
     assert gpuctx.scheduler().config.max_wait == 7.0
     res = run(ip, "%config GpuCtx")
     assert res.error_in_exec is None
+
+
+def test_status_live_updates_one_display_until_the_queue_is_empty(ip, gate, monkeypatch):
+    import IPython.display as disp
+
+    shown, updates = [], []
+
+    class Handle:
+        def update(self, obj):
+            updates.append(obj)
+
+    def fake_display(obj, display_id=False):
+        shown.append(obj)
+        release.set()          # the live tasks were listed before this first display
+        return Handle()
+
+    monkeypatch.setattr(disp, "display", fake_display)
+    release = gate()
+    ip.user_ns["release"] = release
+    run(ip, "%%gpuctx m --background --name a\nrelease.wait(10)")
+    run(ip, "%%gpuctx m --background --name b\nresult = 1")
+    assert run(ip, "%gpuctx status --live").error_in_exec is None
+    assert len(shown) == 1 and len(updates) == 2
+    assert updates[-1].tasks == () and ip.user_ns["b"].done()
+
+
+def test_live_status_can_be_turned_off_for_nbval(ip, monkeypatch):
+    import IPython.display as disp
+
+    monkeypatch.setattr(disp, "display", lambda *a, **k: pytest.fail("no live display when live_status is off"))
+    run(ip, "%config GpuCtx.live_status = False")
+    res = run(ip, "%gpuctx status --live")
+    assert res.error_in_exec is None and isinstance(res.result, gpuctx.api._status.Status)
