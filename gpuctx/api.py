@@ -271,12 +271,22 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
             with s._cond:
                 s._set_queue_limits_locked(s._slot_locked(spec.model), max_queue, overflow)
 
+        sig = inspect.signature(f)
+        params = list(sig.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        n_max = len(params)
+        n_min = sum(1 for p in params if p.default is p.empty)
+
         def caller(func: Callable, *args: Any, **kwargs: Any) -> Task:
+            # The common call (positional arguments only, a count the signature takes) needs no
+            # full bind; anything else is bound, so a bad call raises TypeError here, at the call.
+            if kwargs or not plain or not (n_min <= len(args) <= n_max):
+                _bind(sig, spec.name, args, kwargs)
             return _submit(wrapper, spec, args, kwargs)
 
-        wrapper = _decorator.decorate(f, caller)
+        # kwsyntax=True: decorator passes the arguments through untouched (we check them above).
+        wrapper = _decorator.decorate(f, caller, kwsyntax=True)
         wrapper.__gpuctx_spec__ = spec
-        sig = inspect.signature(f)
 
         def options(*, priority: int | None = None, after: Sequence[Any] | None = None,
                     vram: int | str | None = None, device: str | None = None) -> Callable[..., Task]:

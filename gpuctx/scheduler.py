@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import threading
 import time
@@ -143,6 +144,11 @@ class TaskSpec:
     batch_wait: float = 0.0
     cuda_graph: bool = False
     oom_retries: int | None = None
+
+    @functools.cached_property
+    def is_async(self) -> bool:
+        """True for an ``async def`` body (run with asyncio.run on the worker)."""
+        return asyncio.iscoroutinefunction(self.fn)
 
 
 @dataclass
@@ -403,6 +409,15 @@ class Scheduler:
         for extra in spec.after:
             deps.extend(self._after_deps(spec, extra))
         to_resolve: list = []
+        # Built before taking the lock: nothing else can see the task yet.
+        task = Task(next(self._ids), spec.name, spec.model, spec.priority, self)
+        task._spec = spec
+        task._args, task._kwargs = args, kwargs
+        task._deps = list(dict.fromkeys(deps)) if deps else []
+        task._dependents = []
+        task._ndeps = 0
+        task._batch_key = spec.fn if spec.batch_size > 1 else None
+        task._ready_at = 0.0
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down; call gpuctx.configure() or use a new one")
@@ -415,15 +430,7 @@ class Scheduler:
                 on_cpu = self._admit_locked(slot, spec)
             if not on_cpu:
                 self._make_room_in_queue_locked(slot, spec, block, timeout, to_resolve)
-            task = Task(next(self._ids), spec.name, spec.model, spec.priority, self)
-            task._spec = spec
-            task._args, task._kwargs = args, kwargs
-            task._deps = list(dict.fromkeys(deps))
-            task._dependents = []
-            task._ndeps = 0
-            task._batch_key = spec.fn if spec.batch_size > 1 else None
             task._on_cpu = on_cpu
-            task._ready_at = 0.0
             task.device = "cpu" if on_cpu else self._device.name
             task.submitted_at = self._clock()
             self._live.add(task)
@@ -873,7 +880,7 @@ class Scheduler:
 
                 runner = self._graph_runners[(spec.fn, context)] = make_graph_runner(fn, device=self._device, context=context)
             return lambda: runner(args, kwargs)
-        if asyncio.iscoroutinefunction(fn):
+        if spec.is_async:
             return lambda: asyncio.run(fn(*args, **kwargs))
         return lambda: fn(*args, **kwargs)
 
