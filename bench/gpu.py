@@ -18,8 +18,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import gpuctx  # noqa: E402
-
 
 def main() -> None:
     import torch
@@ -51,9 +49,9 @@ def main() -> None:
     # (a) restore bandwidth vs raw pinned copy
     n = 256 * 1024 * 1024                      # 1 GiB of fp32
     host = torch.randn(n).pin_memory()
-    gpu = torch.empty(n, device="cuda")
-    raw = event_time(lambda: gpu.copy_(host, non_blocking=True), reps=10)
-    del gpu
+    target = [torch.empty(n, device="cuda")]
+    raw = event_time(lambda: target[0].copy_(host, non_blocking=True), reps=10)
+    target.clear()
     model = torch.nn.Sequential(*[torch.nn.Linear(8192, 8192) for _ in range(4)]).cuda()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     restores = []

@@ -7,11 +7,10 @@ of :func:`configure`. Models and contexts are remembered here too, so that after
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import inspect
 import threading
-from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED
+from concurrent.futures import ALL_COMPLETED
 from concurrent.futures import wait as _futures_wait
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence, TypeVar

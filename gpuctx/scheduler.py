@@ -186,6 +186,7 @@ class Scheduler:
         self._live: set[Task] = set()
         self._ids = itertools.count(1)
         self._closed = False
+        self._cancel_on_close = False
         self._workers: dict[str, tuple[threading.Thread, SimpleQueue]] = {}
         self._cpu_pool: ThreadPoolExecutor | None = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
@@ -824,7 +825,7 @@ class Scheduler:
         return slot.take_matching(head._batch_key, spec.batch_size)
 
     def _closing_now(self) -> bool:
-        return self._closed and getattr(self, "_cancel_on_close", False)
+        return self._closed and self._cancel_on_close
 
     @staticmethod
     def _count_matching(slot: Slot, key: Any) -> int:

@@ -265,7 +265,7 @@ def test_batches_form_up_to_batch_size(fresh, gate):
         sizes.append(len(texts))
         return [t.upper() for t in texts]
 
-    h = hold()
+    hold()
     assert running.wait(TIMEOUT)
     ts = [embed(f"t{i}") for i in range(10)]
     release.set()
