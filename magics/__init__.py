@@ -163,8 +163,13 @@ class GpuCtxMagics(Magics):
             session = gpuctx.context_session(args.words[0], **kw)
         except GpuCtxError as exc:
             raise UsageError(f"{type(exc).__name__}: {exc}") from None
-        if not session._granted.done():
+        try:
+            session._granted.exception(timeout=0.2)   # most turns come at once: then say nothing
+        except TimeoutError:
             print(f"gpuctx: {args.words[0]!r} waits its turn: {_waiting_for(args.words[0])}", file=sys.stderr)
+        except BaseException:
+            session._abandon()   # Ctrl-C in the first moments withdraws the request too
+            raise
         obj = session.__enter__()   # KeyboardInterrupt here withdraws the request
         self._active.append(session)
         return obj
