@@ -1,251 +1,708 @@
-"""CudaDevice: a CUDA stream per execution context, events between them, measured sizes,
-real memory release on eviction, and offload of torch modules to pinned host memory.
+"""CudaDevice: the CUDA backend, imported only when CUDA is asked for.
 
-Imported only when CUDA is asked for (``device="auto"`` with CUDA present, or ``"cuda:N"``);
-torch is required, CuPy is used only when the user has imported it (we never import it
-just to find out), NVML only for the budget.
+Each part, and why it is built the way it is:
+
+* **Streams.** Every execution context gets one CUDA stream, made on first use. Inside
+  ``stream_scope(context)`` that stream is current for torch and, when the user has
+  already imported CuPy, for CuPy too (an ``ExternalStream`` wrapping the same
+  ``cudaStream_t``), so both libraries queue kernels in one order. We never import CuPy
+  just to find out; a context whose CuPy allocations need a hard cap gets its own
+  ``cupy.cuda.MemoryPool`` with ``set_limit`` (:meth:`CudaDevice.set_context_limit`).
+* **Events.** A task records an event on its stream; a consumer in another context makes
+  its stream wait on it (``cudaStreamWaitEvent``), so the host never blocks. Only
+  ``synchronize`` (what ``Task.result()`` uses) waits on the host.
+* **Capacity.** Total and free memory come from NVML (the card is found by UUID, so
+  ``CUDA_VISIBLE_DEVICES`` and device ordering cannot mix up cards), or from
+  ``cudaMemGetInfo`` without NVML. What other processes hold = device used minus our own
+  usage, where ours = torch's reserved pool + CuPy's pools + our CUDA context (measured at
+  start). Per-process NVML lists are not used: containers often hide other PIDs.
+* **Measured sizes.** A load's size is the growth of bytes allocated *on the context's
+  stream* (plus the default stream), read from the caching allocator's snapshot. Other
+  contexts allocate on their own streams at the same time, so their tensors do not leak
+  into the figure, which a plain ``memory_allocated()`` difference would. We do not route
+  loads into a private ``torch.cuda.MemPool``: memory of a live private pool is not given
+  back by ``empty_cache()``, and later allocations of the same model (outside the pool)
+  would be measured nowhere. Where the snapshot is unavailable we fall back to the
+  ``memory_allocated()`` difference.
+* **Release.** Drop the object, collect cycles if it is still alive, empty torch's and
+  CuPy's caches, then poll the driver's free memory (bounded, small growing waits) until
+  the expected bytes are back. A weak reference tells whether someone else still holds it.
+* **Offload.** Parameters, buffers and gradients of a torch module are copied to pinned
+  host memory on the context's stream, then rebound (``p.data = host``) only once every
+  copy succeeded, so a failure leaves the module untouched on the card. ``restore`` is
+  the mirror image. ``host_budget`` bounds the pinned bytes held.
+* **CuPy only.** Without a CUDA-enabled torch, CuPy provides streams, events, sizes and
+  memory figures; offload and CUDA graphs need torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, ContextManager, Iterator
 
 from .device import ReleaseReport, _weak
-from .errors import BudgetError
-from .units import format_size
+from .errors import BudgetError, ConfigError
+from .units import MiB, format_size, parse_size
 
-__all__ = ["cuda_available", "CudaDevice"]
+__all__ = ["cuda_available", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
+
+CONTEXT_ESTIMATE = 400 * MiB
+"""Bytes assumed for our CUDA context when it existed before :class:`CudaDevice` could measure it."""
+
+RELEASE_TIMEOUT = 2.0
+"""Seconds :meth:`CudaDevice.release` waits at most for the driver to show the memory free."""
+
+_CONFIRM_FRACTION = 0.9        # freed >= 90% of expected counts as "came back" (rounding, other processes)
+_MIN_CONTEXT = 32 * MiB        # a smaller growth at start means the context already existed
+_OOM_PACKAGES = ("torch", "cupy", "cupy_backends")
+_OOM_MESSAGES = (
+    "CUDA out of memory",           # torch's caching allocator
+    "CUDA error: out of memory",    # cudaMalloc outside the allocator (cuBLAS, cuDNN handles, pinned memory)
+    "cudaErrorMemoryAllocation",    # CuPy's runtime errors
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+
+# torch allows one CUDA-graph capture at a time per process, and the caching allocator must
+# not synchronise (empty_cache) while one is underway in another thread. gpuctx.graphs holds
+# this lock around a capture; empty_caches() holds it too.
+_CAPTURE_LOCK = threading.RLock()
 
 
+# --------------------------------------------------------------------------- discovery
 def cuda_available() -> bool:
-    """True when torch sees a CUDA device; never raises."""
+    """True when torch (or, without a CUDA-enabled torch, CuPy) sees a CUDA device; never raises."""
+    return _torch_with_cuda() is not None or _cupy_device_count() > 0
+
+
+def _torch_with_cuda() -> Any:
+    """torch when it is importable and sees a CUDA device, else None."""
     try:
         import torch
 
-        return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no torch, or a broken driver: no CUDA
-        return False
+        return torch if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - no torch, a CPU build or a broken driver: no CUDA through torch
+        return None
+
+
+def _cupy_device_count() -> int:
+    """CUDA devices CuPy's runtime sees; 0 when CuPy is not installed or has no device."""
+    try:
+        if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is None:
+            return 0   # not installed: do not pay for a failing import
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - CuPy without a driver raises its own runtime errors
+        return 0
+
+
+def _imported_cupy() -> Any:
+    """CuPy if the user imported it (never imported here), else None."""
+    cp = sys.modules.get("cupy")
+    return cp if cp is not None and hasattr(cp, "cuda") else None
 
 
 def _is_oom_exception(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError, CuPy's OutOfMemoryError, or a RuntimeError saying 'CUDA out of memory'."""
+    """torch's or CuPy's OutOfMemoryError (by class name and package), or a RuntimeError saying so."""
     for cls in type(exc).__mro__:
-        if cls.__name__ == "OutOfMemoryError" and cls.__module__.split(".")[0] in ("torch", "cupy", "cupy_backends"):
+        if cls.__name__ == "OutOfMemoryError" and cls.__module__.split(".")[0] in _OOM_PACKAGES:
             return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
-def _cupy() -> Any:
-    """CuPy if the user imported it, else None."""
-    return sys.modules.get("cupy")
+# --------------------------------------------------------------------------- NVML, initialised once
+_nvml_lock = threading.Lock()
+_nvml_state: dict[str, Any] = {}
 
 
+def _nvml() -> Any:
+    """The pynvml module after one successful ``nvmlInit()`` in this process, else None."""
+    with _nvml_lock:
+        if "module" not in _nvml_state:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                _nvml_state["module"] = pynvml
+            except Exception:  # noqa: BLE001 - no NVML (no driver library, or not installed)
+                _nvml_state["module"] = None
+        return _nvml_state["module"]
+
+
+def _uuid_string(raw: Any) -> str:
+    """A device UUID as NVML spells it: ``GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx``."""
+    if isinstance(raw, (bytes, bytearray)):
+        h = bytes(raw[:16]).hex()
+        text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+    else:
+        text = str(raw)
+    return text if text.startswith(("GPU-", "MIG-")) else "GPU-" + text
+
+
+# --------------------------------------------------------------------------- pure arithmetic
+def _capacity(total: int, free: int, ours: int, budget: int | None) -> int:
+    """Bytes we may plan with: total minus what others hold (used minus ours), capped by ``budget``."""
+    others = max(0, (total - free) - ours)
+    cap = max(0, total - others)
+    return cap if budget is None else min(cap, budget)
+
+
+def _check_host_budget(what: str, nbytes: int, used: int, budget: int | None) -> None:
+    """Raise BudgetError when offloading ``nbytes`` more would exceed ``budget`` (None: no limit)."""
+    if budget is not None and used + nbytes > budget:
+        raise BudgetError(
+            f"offload of {what!r}: {format_size(nbytes)} more pinned host memory would exceed "
+            f"host_budget={format_size(budget)} ({format_size(used)} already offloaded); expected at most "
+            f"{format_size(max(0, budget - used))}"
+        )
+
+
+class _Offloaded:
+    """Bookkeeping of one offloaded object: its pinned bytes and which of its tensors moved."""
+
+    __slots__ = ("finalizer", "moved", "nbytes")
+
+    def __init__(self, nbytes: int, moved: dict[int, Any] | None) -> None:
+        self.nbytes = nbytes
+        self.moved = moved
+        self.finalizer: Any = None
+
+
+# --------------------------------------------------------------------------- the device
 class CudaDevice:
-    """One CUDA card: streams, events, measured loads, real release, offload to pinned host RAM."""
+    """One CUDA card: a stream per context, events between them, measured loads, real release,
+    offload to pinned host RAM. Every method is thread-safe.
 
-    def __init__(self, index: int = 0, budget: int | None = None, host_budget: int | None = None) -> None:
-        import torch
+    ``budget`` caps :meth:`capacity`; ``host_budget`` caps the pinned bytes that offloaded
+    objects may hold (None: no limit). Both are bytes (or a size string like ``"8GB"``).
+    """
 
-        if index >= torch.cuda.device_count():
-            from .errors import ConfigError
+    def __init__(self, index: int = 0, budget: int | str | None = None, *,
+                 host_budget: int | str | None = None) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ConfigError(f"device index={index!r}: expected a card index like 0 (as in device='cuda:0')")
+        torch = _torch_with_cuda()
+        cp = None
+        if torch is None:
+            if _cupy_device_count() == 0:
+                raise ConfigError(f"device='cuda:{index}': no CUDA device is visible to torch or CuPy; use device='cpu'")
+            import cupy as cp
+        count = torch.cuda.device_count() if torch is not None else int(cp.cuda.runtime.getDeviceCount())
+        if index >= count:
+            raise ConfigError(f"device='cuda:{index}': only {count} CUDA device(s) visible; "
+                              f"expected one of {', '.join(f'cuda:{i}' for i in range(count))}")
+        self._setup(index, torch, cp, budget, host_budget)
+        self._context_bytes = self._start()
 
-            raise ConfigError(f"device='cuda:{index}': only {torch.cuda.device_count()} CUDA device(s) visible")
+    def _setup(self, index: int, torch: Any, cp: Any, budget: Any, host_budget: Any) -> None:
+        """Plain state, no CUDA calls (tests build a device on fakes through this)."""
         self.index = index
         self.name = f"cuda:{index}"
         self._torch = torch
-        self._dev = torch.device("cuda", index)
-        self._budget = budget
-        self.host_budget = host_budget
-        self._host_used = 0
+        self._cp = cp                                    # set only when CuPy is the runtime (no CUDA torch)
+        self._budget = None if budget is None else parse_size(budget, arg="budget")
+        self.host_budget: int | None = None if host_budget is None else parse_size(host_budget, arg="host_budget")
+        self.release_timeout = RELEASE_TIMEOUT
         self._lock = threading.Lock()
         self._streams: dict[str, Any] = {}
-        self._limits: dict[str, Any] = {}
-        torch.cuda.init()
-        torch.zeros(1, device=self._dev)   # create the CUDA context now, so it is counted once, here
-        self._nvml = self._init_nvml()
+        self._cupy_streams: dict[str, Any] = {}
+        self._limits: dict[str, Any] = {}               # context -> cupy.cuda.MemoryPool with a limit
+        self._generations: dict[str, int] = {}
+        self._offloaded: dict[int, _Offloaded] = {}
+        self._host_used = 0
+        self._nvml_handle: Any = None
+        self._per_stream = False
+        self._context_bytes = CONTEXT_ESTIMATE
 
-    # ------------------------------------------------------------------ memory view
-    def _init_nvml(self) -> Any:
+    def __repr__(self) -> str:
+        return f"CudaDevice({self.name!r}, streams={len(self._streams)}, host_used={format_size(self._host_used)})"
+
+    def _start(self) -> int:
+        """Create our CUDA context now, so it is counted once, here; return its estimated size."""
+        handle = self._find_nvml_handle()
+        before = self._nvml_used(handle)
+        if self._torch is not None:
+            torch = self._torch
+            torch.zeros(1, device=torch.device("cuda", self.index))
+            self._per_stream = self._stream_bytes((0,)) is not None
+        else:
+            with self._cp.cuda.Device(self.index):
+                self._cp.cuda.runtime.free(self._cp.cuda.runtime.malloc(1))
+        self._nvml_handle = handle
+        after = self._nvml_used(handle)
+        if before is None or after is None:
+            return CONTEXT_ESTIMATE
+        grown = after - before - self._pools_reserved()
+        return grown if grown >= _MIN_CONTEXT else CONTEXT_ESTIMATE
+
+    # ------------------------------------------------------------------ memory figures
+    def _find_nvml_handle(self) -> Any:
+        nvml = _nvml()
+        if nvml is None:
+            return None
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            return pynvml.nvmlDeviceGetHandleByIndex(self.index)
-        except Exception:  # noqa: BLE001 - no NVML: fall back to cudaMemGetInfo
+            if self._torch is not None:
+                raw = self._torch.cuda.get_device_properties(self.index).uuid
+            else:
+                raw = self._cp.cuda.runtime.getDeviceProperties(self.index)["uuid"]
+            return nvml.nvmlDeviceGetHandleByUUID(_uuid_string(raw))
+        except Exception:  # noqa: BLE001 - MIG slices and old drivers: use cudaMemGetInfo instead
             return None
 
-    def _total_and_used(self) -> tuple[int, int]:
-        if self._nvml is not None:
-            import pynvml
+    @staticmethod
+    def _nvml_used(handle: Any) -> int | None:
+        if handle is None:
+            return None
+        try:
+            return int(_nvml().nvmlDeviceGetMemoryInfo(handle).used)
+        except Exception:  # noqa: BLE001
+            return None
 
-            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml)
-            return int(info.total), int(info.used)
-        free, total = self._torch.cuda.mem_get_info(self._dev)
-        return int(total), int(total - free)
+    def _mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the card, from NVML where it works, else from the CUDA runtime."""
+        handle = self._nvml_handle
+        if handle is not None:
+            try:
+                info = _nvml().nvmlDeviceGetMemoryInfo(handle)
+                return int(info.free), int(info.total)
+            except Exception:  # noqa: BLE001 - NVML went away: use the runtime from now on
+                self._nvml_handle = None
+        if self._torch is not None:
+            free, total = self._torch.cuda.mem_get_info(self.index)
+        else:
+            with self._cp.cuda.Device(self.index):
+                free, total = self._cp.cuda.runtime.memGetInfo()
+        return int(free), int(total)
 
-    def _ours(self) -> int:
-        ours = int(self._torch.cuda.memory_reserved(self._dev))
-        cp = _cupy()
+    def _cupy(self) -> Any:
+        return self._cp if self._cp is not None else _imported_cupy()
+
+    def _cupy_pools(self, cp: Any) -> list:
+        return [cp.get_default_memory_pool(), *list(self._limits.values())]
+
+    def _pools_reserved(self) -> int:
+        """Bytes our allocators hold from the driver (in use or cached)."""
+        n = 0
+        if self._torch is not None:
+            n += int(self._torch.cuda.memory_reserved(self.index))
+        cp = self._cupy()
         if cp is not None:
-            ours += int(cp.get_default_memory_pool().total_bytes())
-        return ours
+            with cp.cuda.Device(self.index):
+                n += sum(int(p.total_bytes()) for p in self._cupy_pools(cp))
+        return n
 
     def capacity(self) -> int:
-        """Total memory minus what other processes hold (device used minus our own pools)."""
-        total, used = self._total_and_used()
-        others = max(0, used - self._ours())
-        cap = total - others
-        return cap if self._budget is None else min(cap, self._budget)
+        """Total memory minus what other processes hold (device used minus our pools and context), capped by budget."""
+        free, total = self._mem_info()
+        return _capacity(total, free, self._pools_reserved() + self._context_bytes, self._budget)
 
     def free_now(self) -> int:
-        """Bytes the driver reports free on the card."""
-        free, _ = self._torch.cuda.mem_get_info(self._dev)
-        return int(free)
+        """Bytes the driver reports free on the card right now."""
+        return self._mem_info()[0]
+
+    @property
+    def host_used(self) -> int:
+        """Pinned host bytes held by objects offloaded through this device."""
+        return self._host_used
 
     # ------------------------------------------------------------------ streams and events
     def get_stream(self, context: str) -> Any:
-        with self._lock:
-            s = self._streams.get(context)
-            if s is None:
-                s = self._streams[context] = self._torch.cuda.Stream(device=self._dev)
-            return s
+        """The stream of ``context``, created on first use (a torch stream; a CuPy one without torch)."""
+        s = self._streams.get(context)
+        if s is None:
+            with self._lock:
+                s = self._streams.get(context)
+                if s is None:
+                    s = self._streams[context] = self._new_stream()
+        return s
+
+    def _new_stream(self) -> Any:
+        if self._torch is not None:
+            return self._torch.cuda.Stream(device=self.index)
+        with self._cp.cuda.Device(self.index):
+            return self._cp.cuda.Stream(non_blocking=True)
+
+    def _stream_ptr(self, stream: Any) -> int:
+        return int(stream.cuda_stream if self._torch is not None else stream.ptr)
+
+    def _cupy_stream(self, cp: Any, context: str, stream: Any) -> Any:
+        """CuPy's view of ``context``'s stream: the stream itself, or an ExternalStream on torch's."""
+        if self._torch is None:
+            return stream
+        s = self._cupy_streams.get(context)
+        if s is None or s.ptr != stream.cuda_stream:
+            s = self._cupy_streams[context] = cp.cuda.ExternalStream(stream.cuda_stream, self.index)
+        return s
+
+    def stream_scope(self, context: str) -> ContextManager[Any]:
+        """Make ``context``'s stream (and this card) current for torch, and for CuPy if imported."""
+        return self._scope(context)
 
     @contextlib.contextmanager
     def _scope(self, context: str) -> Iterator[Any]:
         stream = self.get_stream(context)
         torch = self._torch
+        cp = self._cupy()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.cuda.device(self._dev))
-            stack.enter_context(torch.cuda.stream(stream))
-            cp = _cupy()
+            if torch is not None:
+                stack.enter_context(torch.cuda.device(self.index))
+                stack.enter_context(torch.cuda.stream(stream))
             if cp is not None:
                 stack.enter_context(cp.cuda.Device(self.index))
-                stack.enter_context(cp.cuda.ExternalStream(stream.cuda_stream))
+                stack.enter_context(self._cupy_stream(cp, context, stream))
                 pool = self._limits.get(context)
                 if pool is not None:
                     stack.enter_context(cp.cuda.using_allocator(pool.malloc))
             yield stream
 
-    def stream_scope(self, context: str) -> ContextManager[Any]:
-        return self._scope(context)
-
     def record_event(self, context: str) -> Any:
-        ev = self._torch.cuda.Event()
-        ev.record(self.get_stream(context))
-        return ev
+        """Record an event on ``context``'s stream and return it."""
+        stream = self.get_stream(context)
+        if self._torch is not None:
+            event = self._torch.cuda.Event()
+        else:
+            event = self._cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return event
 
     def wait_event(self, context: str, event: Any) -> None:
-        if event is not None:
-            self.get_stream(context).wait_event(event)
+        """Make ``context``'s stream wait for ``event`` (torch's or CuPy's) without blocking the host."""
+        if event is None:
+            return
+        stream = self.get_stream(context)
+        torch = self._torch
+        if torch is not None and not isinstance(event, torch.cuda.Event) and hasattr(event, "ptr"):
+            cp = self._cupy()
+            if cp is not None:   # a CuPy event: wait through CuPy's view of the same stream
+                self._cupy_stream(cp, context, stream).wait_event(event)
+                return
+        stream.wait_event(event)
 
     def synchronize(self, event: Any) -> None:
+        """Block the calling thread until ``event`` completed; None is a no-op."""
         if event is not None:
             event.synchronize()
 
-    def set_context_limit(self, context: str, nbytes: int) -> None:
-        """Hard cap for CuPy allocations made inside ``context`` (needs CuPy imported)."""
-        cp = _cupy()
-        if cp is None:
-            raise BudgetError(f"set_context_limit({context!r}): CuPy is not imported; the cap applies to CuPy only")
-        pool = cp.cuda.MemoryPool()
-        pool.set_limit(size=nbytes)
-        self._limits[context] = pool
+    def record_stream(self, context: str, value: Any) -> None:
+        """Mark the CUDA tensors in ``value`` as used on ``context``'s stream.
 
-    # ------------------------------------------------------------------ load, release
-    def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
-        """Run the loader on the context's stream; measured = growth of allocated bytes (torch + CuPy)."""
+        Call it when a tensor made on one context's stream is consumed on another's: the
+        caching allocator then does not hand its memory to the producer's stream again
+        until the consumer's work queued so far has finished.
+        """
         torch = self._torch
-        torch.cuda.synchronize(self._dev)
-        before = self._allocated()
-        with self._scope(context) as stream:
-            obj = loader()
-        stream.synchronize()
-        return obj, max(0, self._allocated() - before)
+        if torch is None:
+            return
+        stream = self.get_stream(context)
+        for t in _tensors(torch, value):
+            if t.is_cuda:
+                t.record_stream(stream)
 
-    def _allocated(self) -> int:
-        n = int(self._torch.cuda.memory_allocated(self._dev))
-        cp = _cupy()
+    def generation(self, context: str) -> int:
+        """A counter bumped whenever ``context``'s model is loaded, released, offloaded or restored.
+
+        CUDA graphs bake in weight addresses; :mod:`gpuctx.graphs` drops the graphs of a
+        context when its generation changes.
+        """
+        return self._generations.get(context, 0)
+
+    def _bump(self, context: str) -> None:
+        with self._lock:
+            self._generations[context] = self._generations.get(context, 0) + 1
+
+    def set_context_limit(self, context: str, nbytes: int | str | None) -> None:
+        """Hard cap on CuPy allocations made inside ``context`` (a pool with ``set_limit``); None removes it.
+
+        Needs CuPy imported. torch allocations are not capped (the scheduler's budget covers them).
+        """
+        cp = self._cupy()
+        if cp is None:
+            raise ConfigError(f"set_context_limit({context!r}, nbytes={nbytes!r}): the cap applies to CuPy "
+                              "allocations and CuPy is not imported; expected `import cupy` first")
+        if nbytes is None:
+            with self._lock:
+                pool = self._limits.pop(context, None)
+            if pool is not None:
+                pool.free_all_blocks()
+            return
+        size = parse_size(nbytes, arg="nbytes")
+        with self._lock:
+            pool = self._limits.get(context)
+            if pool is None:
+                with cp.cuda.Device(self.index):
+                    pool = cp.cuda.MemoryPool()
+                self._limits[context] = pool
+        with cp.cuda.Device(self.index):
+            pool.set_limit(size=size)
+
+    # ------------------------------------------------------------------ load and release
+    def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
+        """Run ``loader`` on ``context``'s stream; return the object and the bytes it left allocated."""
+        stream = self.get_stream(context)
+        watched = (self._stream_ptr(stream), 0)   # the context's stream and the legacy default stream
+        before = self._footprint(watched)
+        with self.stream_scope(context):
+            obj = loader()
+        stream.synchronize()   # the load is done (and timed by the scheduler) when the weights are there
+        after = self._footprint(watched)
+        self._bump(context)
+        return obj, max(0, after - before)
+
+    def _footprint(self, watched: tuple[int, ...]) -> int:
+        """Bytes allocated on the watched streams (torch) plus bytes in use in CuPy's pools."""
+        n = 0
+        torch = self._torch
+        if torch is not None:
+            per_stream = self._stream_bytes(watched) if self._per_stream else None
+            n += per_stream if per_stream is not None else int(torch.cuda.memory_allocated(self.index))
+        cp = self._cupy()
         if cp is not None:
-            n += int(cp.get_default_memory_pool().used_bytes())
+            with cp.cuda.Device(self.index):
+                n += sum(int(p.used_bytes()) for p in self._cupy_pools(cp))
         return n
 
+    def _stream_bytes(self, watched: tuple[int, ...]) -> int | None:
+        """Bytes allocated on the given streams of this card, from the allocator snapshot; None if unreadable."""
+        torch = self._torch
+        try:
+            try:
+                segments = torch.cuda.memory_snapshot(include_traces=False)
+            except TypeError:   # torch before include_traces=
+                segments = torch.cuda.memory_snapshot()
+            return sum(int(s["allocated_size"]) for s in segments
+                       if s.get("device", self.index) == self.index and int(s["stream"]) in watched)
+        except Exception:  # noqa: BLE001 - a snapshot format we do not know: measure globally
+            return None
+
     def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
-        """Drop the object, gc, empty torch and CuPy caches, then poll until the memory is free again."""
+        """Pop the object out of ``holder``, drop it, empty the caches, wait until ``expected`` bytes are free."""
         t0 = time.perf_counter()
         free_before = self.free_now()
-        ref = _weak(holder.pop())
-        gc.collect()
-        self.empty_caches()
-        target = free_before + int(expected * 0.9)
-        wait = 0.001
-        waiter = threading.Event()
-        while self.free_now() < target and time.perf_counter() - t0 < 2.0:
-            waiter.wait(wait)   # the driver returns memory asynchronously
-            wait = min(wait * 2, 0.05)
-            self.empty_caches()
+        ref = _weak(holder.pop()) if holder else None
+        if ref is None or ref() is not None:
+            gc.collect()   # reference cycles inside the model keep it alive until collected
         still = ref is not None and ref() is not None
-        return ReleaseReport(freed=self.free_now() - free_before, still_referenced=still,
+        self.empty_caches()
+        self._bump(name)
+        free = self.free_now()
+        if not still and expected > 0:
+            # The driver may show freed memory a little later; wait in small growing steps, bounded.
+            target = free_before + int(expected * _CONFIRM_FRACTION)
+            deadline = t0 + self.release_timeout
+            pause, delay = threading.Event(), 0.001
+            while free < target and time.perf_counter() < deadline:
+                pause.wait(delay)
+                delay = min(2 * delay, 0.05)
+                free = self.free_now()
+        return ReleaseReport(freed=max(0, free - free_before), still_referenced=still,
                              seconds=time.perf_counter() - t0)
 
-    # ------------------------------------------------------------------ offload
+    # ------------------------------------------------------------------ offload to pinned host memory
     def can_offload(self, obj: Any) -> bool:
-        return isinstance(obj, self._torch.nn.Module)
-
-    def _tensors(self, module: Any) -> list:
-        return list(module.parameters()) + list(module.buffers())
+        """True for torch modules and tensors, and for objects with a ``.to(device)`` method."""
+        torch = self._torch
+        if torch is None or obj is None or isinstance(obj, type):
+            return False
+        if isinstance(obj, (torch.nn.Module, torch.Tensor)):
+            return True
+        return callable(getattr(obj, "to", None))
 
     def offload(self, context: str, obj: Any) -> Any:
-        """Copy parameters and buffers to pinned host memory on the context's stream; rebind them."""
-        torch = self._torch
-        tensors = [t for t in self._tensors(obj) if t.is_cuda]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        if self.host_budget is not None and self._host_used + nbytes > self.host_budget:
-            raise BudgetError(f"offload: {format_size(nbytes)} would exceed host_budget "
-                              f"{format_size(self.host_budget)} ({format_size(self._host_used)} used)")
+        """Copy ``obj``'s CUDA tensors to pinned host memory on the context's stream; return what restore takes.
+
+        Raises BudgetError when ``host_budget`` would be exceeded, or when the copy fails
+        (pinning refused, out of memory); ``obj`` is then unchanged, and the scheduler drops it.
+        """
+        torch = self._need_torch("offload")
+        nbytes = _cuda_bytes(torch, obj)
+        with self._lock:
+            _check_host_budget(context, nbytes, self._host_used, self.host_budget)
+            self._host_used += nbytes   # reserved now, so two offloads cannot both pass the check
         stream = self.get_stream(context)
-        with torch.cuda.stream(stream):
-            for t in tensors:
-                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                host.copy_(t.data, non_blocking=True)
-                t.data = host
-        stream.synchronize()
-        self._host_used += nbytes
-        obj._gpuctx_host_bytes = nbytes
-        gc.collect()
-        self.empty_caches()
-        return obj
+        moved: dict[int, Any] | None = None
+        try:
+            with torch.cuda.device(self.index), torch.cuda.stream(stream):
+                if isinstance(obj, torch.nn.Module):
+                    items = _module_items(torch, obj, on_cuda=True)
+                    copies = [_pinned_copy(torch, getattr(o, a)) for o, a in items]
+                    result = obj
+                elif isinstance(obj, torch.Tensor):
+                    items, copies = [], []
+                    result = _pinned_copy(torch, obj) if obj.is_cuda else obj
+                else:
+                    items, copies = [], []
+                    moved_obj = obj.to("cpu")
+                    result = obj if moved_obj is None else moved_obj   # some .to() work in place
+            stream.synchronize()   # every byte is on the host before anything is rebound
+        except Exception as exc:  # noqa: BLE001 - any failure: nothing was rebound, the caller drops instead
+            with self._lock:
+                self._host_used -= nbytes
+            raise BudgetError(
+                f"offload of {context!r}: copying {format_size(nbytes)} to pinned host memory failed "
+                f"({type(exc).__name__}: {exc}); expected host memory that can be pinned"
+            ) from exc
+        if items:
+            moved = {id(o): getattr(o, a).device for o, a in items}   # where each tensor goes back to
+            _rebind(items, copies)
+        self._remember(result, nbytes, moved)
+        self._bump(context)
+        return result
 
     def restore(self, context: str, obj: Any) -> Any:
-        """Copy an offloaded module back to this card on the context's stream."""
-        torch = self._torch
+        """Copy an offloaded object back to the card on the context's stream; bit-exact."""
+        torch = self._need_torch("restore")
+        record = self._offloaded.get(id(obj))
         stream = self.get_stream(context)
-        with torch.cuda.stream(stream):
-            for t in self._tensors(obj):
-                if not t.is_cuda:
-                    t.data = t.data.to(self._dev, non_blocking=True)
-        stream.synchronize()
-        self._host_used -= getattr(obj, "_gpuctx_host_bytes", 0)
-        return obj
+        dev = torch.device("cuda", self.index)
+        with torch.cuda.device(self.index), torch.cuda.stream(stream):
+            if isinstance(obj, torch.nn.Module):
+                items = _module_items(torch, obj, on_cuda=False)
+                if record is not None and record.moved is not None:
+                    items = [(o, a) for o, a in items if id(o) in record.moved]
+                    copies = [_device_copy(torch, getattr(o, a), record.moved[id(o)]) for o, a in items]
+                else:
+                    copies = [_device_copy(torch, getattr(o, a), dev) for o, a in items]
+                result = obj
+            elif isinstance(obj, torch.Tensor):
+                items, copies = [], []
+                result = obj if obj.is_cuda else _device_copy(torch, obj, dev)
+            else:
+                items, copies = [], []
+                moved_obj = obj.to(dev)
+                result = obj if moved_obj is None else moved_obj
+        stream.synchronize()   # restore time is load time for the scheduler; and the pinned buffers may go
+        _rebind(items, copies)
+        self._forget(id(obj), detach=True)
+        self._bump(context)
+        return result
+
+    def _need_torch(self, what: str) -> Any:
+        if self._torch is None:
+            raise ConfigError(f"{what} on {self.name}: needs torch with CUDA; only CuPy was found")
+        return self._torch
+
+    def _remember(self, obj: Any, nbytes: int, moved: dict[int, Any] | None) -> None:
+        key = id(obj)
+        with self._lock:
+            old = self._offloaded.get(key)
+            if old is not None:   # offloaded again before a restore: one record, the bytes added up
+                old.nbytes += nbytes
+                if moved:
+                    old.moved = {**(old.moved or {}), **moved}
+                return
+            record = self._offloaded[key] = _Offloaded(nbytes, moved)
+        with contextlib.suppress(TypeError):   # an offloaded object dropped unrestored gives its bytes back
+            record.finalizer = weakref.finalize(obj, self._forget, key, False)
+
+    def _forget(self, key: int, detach: bool) -> None:
+        with self._lock:
+            record = self._offloaded.pop(key, None)
+            if record is not None:
+                self._host_used -= record.nbytes
+        if record is not None and detach and record.finalizer is not None:
+            record.finalizer.detach()
 
     # ------------------------------------------------------------------ misc
     def is_oom(self, exc: BaseException) -> bool:
+        """True when ``exc`` is an out-of-memory error of torch or CuPy."""
         return _is_oom_exception(exc)
 
     def empty_caches(self) -> None:
-        self._torch.cuda.empty_cache()
-        cp = _cupy()
+        """Return cached, unused blocks of torch's and CuPy's pools to the driver."""
+        if self._torch is not None:
+            with _CAPTURE_LOCK:
+                self._torch.cuda.empty_cache()
+        cp = self._cupy()
         if cp is not None:
-            cp.get_default_memory_pool().free_all_blocks()
+            with cp.cuda.Device(self.index):
+                for pool in self._cupy_pools(cp):
+                    pool.free_all_blocks()
             cp.get_default_pinned_memory_pool().free_all_blocks()
 
     def close(self) -> None:
+        """Wait for every context's queued work, then drop streams and CuPy pools."""
         with self._lock:
-            for s in self._streams.values():
-                s.synchronize()
+            streams = list(self._streams.values())
             self._streams.clear()
+            self._cupy_streams.clear()
+        for s in streams:
+            s.synchronize()
+        self.empty_caches()
+        with self._lock:
             self._limits.clear()
+
+
+# --------------------------------------------------------------------------- tensors of an object
+def _tensors(torch: Any, value: Any, depth: int = 0) -> list:
+    """Tensors in ``value``: itself, a module's parameters and buffers, or inside lists, tuples, dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, torch.nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    if depth > 3:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(torch, v, depth + 1)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(torch, v, depth + 1)]
+    return []
+
+
+def _module_items(torch: Any, module: Any, *, on_cuda: bool) -> list[tuple[Any, str]]:
+    """(tensor, "data" | "grad") for each parameter, buffer and gradient of ``module`` on (or off) CUDA."""
+    items: list[tuple[Any, str]] = []
+    seen: set[int] = set()
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.is_cuda == on_cuda:
+            items.append((t, "data"))
+        grad = t.grad if isinstance(t, torch.nn.Parameter) else None
+        if grad is not None and grad.is_cuda == on_cuda:
+            items.append((t, "grad"))
+    return items
+
+
+def _cuda_bytes(torch: Any, obj: Any) -> int:
+    """Bytes of CUDA tensors ``obj`` holds (a module's, a tensor's, or those one level inside an object)."""
+    if isinstance(obj, torch.nn.Module):
+        return sum(getattr(o, a).numel() * getattr(o, a).element_size() for o, a in _module_items(torch, obj, on_cuda=True))
+    found = _tensors(torch, obj)
+    if not found and hasattr(obj, "__dict__"):
+        found = [t for v in vars(obj).values() for t in _tensors(torch, v, 3)]
+    unique = {id(t): t for t in found if t.is_cuda}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _pinned_copy(torch: Any, t: Any) -> Any:
+    """A pinned host copy of ``t``, queued on the current stream (same strides)."""
+    host = torch.empty_like(t, device="cpu", pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host
+
+
+def _device_copy(torch: Any, t: Any, dev: Any) -> Any:
+    """A device copy of host tensor ``t``, queued on the current stream (same strides)."""
+    out = torch.empty_like(t, device=dev)
+    out.copy_(t.detach(), non_blocking=t.is_pinned())
+    return out
+
+
+def _rebind(items: list[tuple[Any, str]], copies: list) -> None:
+    """Point each tensor (or gradient) at its copy; gradients after data, so devices always match."""
+    grads = [(o, c) for (o, a), c in zip(items, copies) if a == "grad"]
+    for o, _ in grads:
+        o.grad = None
+    for (o, a), c in zip(items, copies):
+        if a == "data":
+            o.data = c
+    for o, c in grads:
+        o.grad = c

@@ -1,132 +1,360 @@
-"""CUDA graphs per context: capture a task body once per input signature, replay it after.
+"""CUDA graphs per context: capture a task body once per argument signature, replay it after.
 
-Launch-bound work (many small kernels) gains most: a replay is one launch, and graphs on
-separate context streams overlap where eager Python launches serialise. The first call
-for a signature (shapes, dtypes, devices of tensor arguments; values of the others)
-warms up on a side stream, captures on the context's stream into static input buffers,
-and returns clones of the static outputs (so a later replay never overwrites a result
-the caller kept). A body that cannot be captured runs eagerly for that signature, with
-one warning naming the function and the reason.
+Launch-bound work (many small kernels) gains most: a replay is one launch instead of one
+per kernel, and replays on separate context streams overlap where eager Python launches
+serialise on the host.
+
+How a call runs (``GraphRunner.__call__``):
+
+1. On a CPU device, or with no CUDA tensor among the arguments, ``fn`` runs eagerly.
+2. The key is the arguments' signature: shape, dtype, device and requires_grad of every
+   tensor, the type and value of everything else, through lists, tuples and dicts; plus
+   grad mode, inference mode and autocast. An argument that is neither a tensor nor
+   hashable (a NumPy array, say) cannot be keyed: ``fn`` runs eagerly, with one warning.
+3. First call for a key: the arguments are copied into static buffers (allocated on the
+   context's stream, which reads them at every replay); ``fn`` is warmed up on a side
+   stream, as torch requires; then it is captured into a ``torch.cuda.CUDAGraph`` under a
+   process-wide lock (one capture at a time, and no ``empty_cache`` during one).
+4. Later calls copy the arguments into the static buffers and replay on the context's
+   stream. Outputs are the graph's static buffers, overwritten by the next replay; with
+   ``clone_outputs=True`` (the default) the caller gets clones, which costs one copy per
+   output and makes results safe to keep.
+5. A body that cannot be captured (a host sync such as ``.item()``, outputs that are not
+   CUDA tensors, outputs that require grad, in-place writes to its arguments) runs eagerly
+   for that key from then on, with ONE ``RuntimeWarning`` naming the function and the
+   reason. An out-of-memory error during capture is raised as is, so the scheduler's
+   retry can free memory; an error in the warm-up is the body's own and is raised too.
+
+The cache holds ``cache_size`` graphs, least recently used out first. When the device
+reports a new *generation* for the context (its model was loaded, offloaded, restored or
+released: weights moved, and graphs bake in their addresses), every graph is dropped.
+Non-tensor arguments are baked into a graph: a float that changes every call means a
+capture every call (and cache churn), so pass such values as tensors. Python side effects
+of ``fn`` happen at warm-up and capture only, never at replay.
+
+torch is imported only when a call has CUDA tensors; importing this module imports neither
+torch nor CuPy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-__all__ = ["make_graph_runner"]
+from ._cuda import _CAPTURE_LOCK
+from .errors import ConfigError
+
+__all__ = ["GraphRunner", "make_graph_runner"]
 
 
-def _graph_key(args: Any, kwargs: Any = None) -> Any:
-    """A hashable signature of the arguments: tensors by shape/dtype/device, other values as they are."""
+class _Unkeyable(TypeError):
+    """An argument that is neither a tensor, a list/tuple/dict, nor hashable."""
 
-    def key(x: Any) -> Any:
-        if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "device"):
-            return ("T", tuple(x.shape), str(x.dtype), str(x.device))
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, tuple(key(y) for y in x))
-        if isinstance(x, dict):
-            return ("dict", tuple(sorted((k, key(v)) for k, v in x.items())))
-        try:
-            hash(x)
-            return ("V", x)
-        except TypeError:
-            return ("id", id(x))
 
-    return (key(tuple(args)), key(dict(kwargs or {})))
+class _CaptureFailed(Exception):
+    """The body cannot stand in as a CUDA graph for this key; the message says why."""
+
+
+# --------------------------------------------------------------------------- argument structure
+def _is_tensor(x: Any) -> bool:
+    """Duck-typed torch tensor check, so that keys can be built without importing torch."""
+    return hasattr(x, "is_cuda") and hasattr(x, "copy_") and hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _items(d: dict) -> list:
+    """A dict's items in a fixed order (by the repr of the key), so that {a, b} and {b, a} key alike."""
+    return sorted(d.items(), key=lambda kv: repr(kv[0]))
+
+
+def _key(x: Any) -> Any:
+    if _is_tensor(x):
+        return ("T", tuple(x.shape), str(x.dtype), str(x.device), bool(getattr(x, "requires_grad", False)))
+    if isinstance(x, (list, tuple)):
+        return (type(x), tuple(_key(y) for y in x))
+    if isinstance(x, dict):
+        return (type(x), tuple((k, _key(v)) for k, v in _items(x)))
+    try:
+        hash(x)
+    except TypeError:
+        raise _Unkeyable(f"an argument of type {type(x).__name__} is neither a tensor nor hashable") from None
+    return ("V", type(x), x)   # the type keeps 1, 1.0 and True apart
+
+
+def _graph_key(args: Any, kwargs: Any = None) -> tuple:
+    """A hashable signature of the arguments: tensors by shape/dtype/device, other values by type and value.
+
+    Raises ``_Unkeyable`` for an argument that is neither a tensor, a container, nor hashable.
+    """
+    return (_key(tuple(args)), _key(dict(kwargs or {})))
 
 
 def _tensors_in(x: Any) -> list:
-    if hasattr(x, "copy_") and hasattr(x, "is_cuda"):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _tensors_in(y)]
-    if isinstance(x, dict):
-        return [t for y in x.values() for t in _tensors_in(y)]
-    return []
+    """Every tensor in ``x``, in the order :func:`_key` visits them."""
+    out: list = []
+    _collect(x, out)
+    return out
 
 
-def _clone(x: Any) -> Any:
-    if hasattr(x, "clone") and hasattr(x, "is_cuda"):
-        return x.clone()
+def _collect(x: Any, out: list) -> None:
+    if _is_tensor(x):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _collect(y, out)
+    elif isinstance(x, dict):
+        for _, v in _items(x):
+            _collect(v, out)
+
+
+def _map(f: Callable[[Any], Any], x: Any) -> Any:
+    """``x`` with every tensor replaced by ``f(tensor)``; containers rebuilt with their own type."""
+    if _is_tensor(x):
+        return f(x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):   # a namedtuple takes positional fields
+        return type(x)(*(_map(f, y) for y in x))
     if isinstance(x, (list, tuple)):
-        return type(x)(_clone(y) for y in x)
+        return type(x)(_map(f, y) for y in x)
     if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
+        pairs = [(k, _map(f, v)) for k, v in x.items()]
+        try:
+            return type(x)(pairs)
+        except TypeError:   # a dict subclass with its own constructor
+            return dict(pairs)
     return x
 
 
-def _static_copy(x: Any) -> Any:
-    if hasattr(x, "clone") and hasattr(x, "is_cuda"):
-        return x.detach().clone()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_static_copy(y) for y in x)
-    if isinstance(x, dict):
-        return {k: _static_copy(v) for k, v in x.items()}
-    return x
+def _has_cuda_tensor(x: Any) -> bool:
+    return any(getattr(t, "is_cuda", False) for t in _tensors_in(x))
+
+
+def _mode_key(torch: Any) -> tuple:
+    """Grad, inference and autocast modes: a graph captured under one must not replay under another."""
+    try:
+        autocast: tuple = (torch.is_autocast_enabled("cuda"), str(torch.get_autocast_dtype("cuda")))
+    except (TypeError, AttributeError):   # torch before the device_type argument
+        autocast = (torch.is_autocast_enabled(),)
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
+
+
+def _versions(tensors: list) -> list:
+    """Version counters (bumped by in-place writes); None for inference tensors, which keep none."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def _refusal(out: Any, inputs: list, versions: list) -> str | None:
+    """Why a captured graph cannot stand in for the body, or None when it can."""
+    outs = _tensors_in(out)
+    if not outs:
+        return f"it returned {type(out).__name__}, not CUDA tensors; a graph can only hand back tensors"
+    for t in outs:
+        if not t.is_cuda:
+            return f"it returned a tensor on {t.device}; graph outputs must be CUDA tensors"
+        if t.requires_grad:
+            return ("its outputs require grad; graphs here are for inference "
+                    "(run the body under torch.no_grad() or torch.inference_mode())")
+    if _versions(inputs) != versions:
+        return "it modifies its tensor arguments in place; a replay would modify gpuctx's copies instead"
+    return None
 
 
 class _Graph:
+    """One captured graph: the graph, its static input buffers (in key order) and its static output."""
+
     __slots__ = ("graph", "inputs", "output")
 
-    def __init__(self, graph: Any, inputs: Any, output: Any) -> None:
+    def __init__(self, graph: Any, inputs: list, output: Any) -> None:
         self.graph, self.inputs, self.output = graph, inputs, output
 
 
-def make_graph_runner(fn: Callable[..., Any], *, device: Any, context: str, cache_size: int = 8,
-                      warmup: int = 3) -> Callable[[tuple, dict], Any]:
-    """A callable ``run(args, kwargs)`` that captures/replays ``fn`` on ``context``'s stream."""
-    cache: OrderedDict = OrderedDict()
-    eager: set = set()
-    name = getattr(fn, "__qualname__", repr(fn))
+# --------------------------------------------------------------------------- the runner
+class GraphRunner:
+    """``runner(args, kwargs)``: ``fn(*args, **kwargs)``, captured and replayed as CUDA graphs on ``context``'s stream.
 
-    def run(args: tuple, kwargs: dict) -> Any:
-        if getattr(device, "name", "cpu") == "cpu" or not any(t.is_cuda for t in _tensors_in((args, kwargs))):
-            return fn(*args, **kwargs)
-        key = _graph_key(args, kwargs)
-        if key in eager:
-            return fn(*args, **kwargs)
+    ``cache``: the captured graphs by key, least recently used first. ``eager_keys``:
+    keys whose body could not be captured.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, device: Any, context: str, cache_size: int = 8,
+                 clone_outputs: bool = True, warmup: int = 3) -> None:
+        if not callable(fn):
+            raise ConfigError(f"fn={fn!r}: expected a callable to capture as a CUDA graph")
+        if not isinstance(context, str):
+            raise ConfigError(f"context={context!r}: expected the context's name (a str)")
+        for arg, value in (("cache_size", cache_size), ("warmup", warmup)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{arg}={value!r}: expected an int >= 1")
+        if not isinstance(clone_outputs, bool):
+            raise ConfigError(f"clone_outputs={clone_outputs!r}: expected True or False")
+        self.fn = fn
+        self.device = device
+        self.context = context
+        self.cache_size = cache_size
+        self.clone_outputs = clone_outputs
+        self.warmup = warmup
+        self.cache: OrderedDict[Any, _Graph] = OrderedDict()
+        self.eager_keys: set = set()
+        self._name = getattr(fn, "__qualname__", None) or repr(fn)
+        self._generation: Any = None
+        self._side: Any = None
+        self._warned_unkeyable = False
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"GraphRunner({self._name}, context={self.context!r}, graphs={len(self.cache)})"
+
+    def __call__(self, args: tuple, kwargs: dict) -> Any:
+        if getattr(self.device, "name", "cpu") == "cpu" or not _has_cuda_tensor((args, kwargs)):
+            return self.fn(*args, **kwargs)
         import torch
 
-        entry = cache.get(key)
-        stream = device.get_stream(context)
+        try:
+            key = (_graph_key(args, kwargs), _mode_key(torch))
+        except _Unkeyable as exc:
+            if not self._warned_unkeyable:
+                self._warned_unkeyable = True
+                warnings.warn(f"gpuctx: cannot run {self._name} as a CUDA graph ({exc}); it runs eagerly",
+                              RuntimeWarning, stacklevel=2)
+            return self.fn(*args, **kwargs)
+        with self._lock:
+            self._check_generation()
+            stream = self.device.get_stream(self.context)
+            caller = torch.cuda.current_stream(stream.device)
+            hop = caller.cuda_stream != stream.cuda_stream
+            if hop:   # called from another stream: order our work after the caller's, and back
+                stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                out = self._run(torch, key, args, kwargs, stream)
+            if hop:
+                caller.wait_stream(stream)
+                for t in _tensors_in(out):
+                    if t.is_cuda:
+                        t.record_stream(caller)   # its memory is not reused before the caller is done
+            return out
+
+    def _check_generation(self) -> None:
+        generation = getattr(self.device, "generation", None)
+        g = generation(self.context) if generation is not None else 0
+        if g != self._generation:
+            self.cache.clear()   # the weights moved: addresses baked into the graphs are stale
+            self._generation = g
+
+    def _run(self, torch: Any, key: Any, args: tuple, kwargs: dict, stream: Any) -> Any:
+        if key in self.eager_keys:
+            return self.fn(*args, **kwargs)
+        entry = self.cache.get(key)
         if entry is None:
             try:
-                entry = _capture(torch, fn, args, kwargs, stream, warmup)
-            except Exception as exc:  # noqa: BLE001 - anything that breaks capture: run eagerly
-                eager.add(key)
-                warnings.warn(f"gpuctx: cuda_graph=True for {name}: capture failed ({type(exc).__name__}: {exc}); "
-                              "running it eagerly for these inputs", RuntimeWarning, stacklevel=3)
-                torch.cuda.synchronize()
-                return fn(*args, **kwargs)
-            cache[key] = entry
-            if len(cache) > cache_size:
-                cache.popitem(last=False)
+                entry = self._capture(torch, args, kwargs, stream)
+            except _CaptureFailed as exc:
+                self.eager_keys.add(key)
+                warnings.warn(f"gpuctx: cannot run {self._name} as a CUDA graph for these arguments: {exc}; "
+                              "it runs eagerly for them from now on", RuntimeWarning, stacklevel=4)
+                return self.fn(*args, **kwargs)
+            self.cache[key] = entry
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         else:
-            cache.move_to_end(key)
-        with torch.cuda.stream(stream):
-            for dst, src in zip(_tensors_in(entry.inputs), _tensors_in((args, kwargs))):
+            self.cache.move_to_end(key)
+            for dst, src in zip(entry.inputs, _tensors_in((args, kwargs))):
                 dst.copy_(src, non_blocking=True)
-            entry.graph.replay()
-            return _clone(entry.output)
+        entry.graph.replay()
+        if not self.clone_outputs:
+            return entry.output
+        return _map(lambda t: t.clone(), entry.output)
 
-    run.cache = cache  # type: ignore[attr-defined]
-    return run
+    def _side_stream(self, torch: Any, stream: Any) -> Any:
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=stream.device)
+        return self._side
+
+    def _capture(self, torch: Any, args: tuple, kwargs: dict, stream: Any) -> _Graph:
+        # Static inputs are allocated on the context's stream (current here): replays read them there.
+        s_args, s_kwargs = _map(lambda t: t.detach().clone(), (tuple(args), dict(kwargs)))
+        inputs = _tensors_in((s_args, s_kwargs))
+        versions = _versions(inputs)
+        side = self._side_stream(torch, stream)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side), _cupy_on(side):
+            for _ in range(self.warmup):   # errors here are the body's own: they propagate
+                self.fn(*s_args, **s_kwargs)
+        graph = torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()   # our own id, so a failed capture's pool can be let go
+        raised: list[BaseException] = []
+        captured = False
+        with _CAPTURE_LOCK:
+            try:
+                # The outer stream scope restores the current stream even when capture_end()
+                # raises inside torch.cuda.graph's __exit__ (which then skips its own restore).
+                with torch.cuda.stream(side), _cupy_on(side):
+                    with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        try:
+                            out = self.fn(*s_args, **s_kwargs)
+                        except BaseException as exc:
+                            raised.append(exc)
+                            raise
+                    captured = True   # from here on the graph owns its pool: never release it twice
+            except BaseException as exc:
+                if not captured:
+                    _recover_from_failed_capture(torch, side, pool)
+                if not isinstance(exc, Exception):   # KeyboardInterrupt and friends: cleaned up, re-raised
+                    raise
+                cause = raised[0] if raised else exc
+                is_oom = getattr(self.device, "is_oom", None)
+                if is_oom is not None and is_oom(cause):
+                    raise cause from None   # the scheduler frees memory and retries
+                raise _CaptureFailed(f"capture failed ({type(cause).__name__}: {cause})") from exc
+        stream.wait_stream(side)
+        reason = _refusal(out, inputs, versions)
+        if reason is not None:
+            raise _CaptureFailed(reason)
+        return _Graph(graph, inputs, out)
 
 
-def _capture(torch: Any, fn: Callable, args: tuple, kwargs: dict, stream: Any, warmup: int) -> _Graph:
-    static = _static_copy((args, kwargs))
-    s_args, s_kwargs = static
-    side = torch.cuda.Stream()
-    side.wait_stream(stream)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn(*s_args, **s_kwargs)
-    stream.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fn(*s_args, **s_kwargs)
-    if not _tensors_in(out):
-        raise TypeError("the body returned no CUDA tensor to keep as the graph's output")
-    return _Graph(graph, static, out)
+def _recover_from_failed_capture(torch: Any, side: Any, pool: Any) -> None:
+    """Undo what a failed capture leaves behind, so the process keeps working.
+
+    ``CUDAGraph.capture_end()`` raises on a failed ``cudaStreamEndCapture`` before it tells the
+    caching allocator that the capture is over, and the graph's destructor releases its
+    pool only after a successful capture. Left alone, the allocator believes a capture is
+    underway for good and the next ``empty_cache()`` fails an internal assert. So: end any
+    capture still open on the side stream, end allocation to the pool, release the pool
+    once, and clear the runtime's pending error with a synchronize. Best effort: each step
+    may already have happened.
+    """
+    device = side.device.index
+    with torch.cuda.stream(side), contextlib.suppress(Exception):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.CUDAGraph().capture_end()   # ends the open capture, then complains: ignored
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        step = getattr(torch._C, name, None)
+        if step is not None:
+            with contextlib.suppress(Exception):
+                step(device, pool)
+    with contextlib.suppress(Exception):
+        torch.cuda.synchronize(device)
+
+
+def _cupy_on(stream: Any) -> Any:
+    """Make ``stream`` CuPy's current stream too, when CuPy is imported, so CuPy kernels are captured."""
+    import sys
+
+    cp = sys.modules.get("cupy")
+    if cp is None or not hasattr(cp, "cuda"):
+        return contextlib.nullcontext()
+    return cp.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
+def make_graph_runner(fn: Callable[..., Any], *, device: Any, context: str, cache_size: int = 8,
+                      clone_outputs: bool = True, warmup: int = 3) -> GraphRunner:
+    """A :class:`GraphRunner` for ``fn`` on ``context``'s stream of ``device``; call it as ``runner(args, kwargs)``."""
+    return GraphRunner(fn, device=device, context=context, cache_size=cache_size,
+                       clone_outputs=clone_outputs, warmup=warmup)

@@ -179,6 +179,7 @@ class Scheduler:
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config or Config()
         self._device: Device = device if device is not None else make_device(self.config.device, self.config.budget)
+        _apply_host_budget(self._device, self.config.host_budget)
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._slots: dict[str, Slot] = {}
@@ -236,6 +237,7 @@ class Scheduler:
                 self._device.close()
                 self._device = device
             self.config = new
+            _apply_host_budget(self._device, new.host_budget)
             self._hk_wake.set()
             self._ledger.budget = budget
             self.trace.budget = budget
@@ -1221,6 +1223,12 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -
 
 
 _SCALARS = (int, float, str, bytes, bool, type(None))
+
+
+def _apply_host_budget(device: Device, host_budget: int | None) -> None:
+    """Pass configure(host_budget=...) to a device that offloads to host RAM."""
+    if hasattr(device, "host_budget"):
+        device.host_budget = host_budget
 
 
 def _collect_tasks(args: tuple, kwargs: dict) -> list[Task]:
