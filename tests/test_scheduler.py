@@ -344,7 +344,6 @@ def test_cycle_between_functions_is_an_error_at_submit(fresh):
     def b():
         pass
 
-    a.__gpuctx_spec__.__dict__  # noqa: B018 - specs are frozen; build the cycle with options
     with pytest.raises(gpuctx.CycleError, match="b -> a -> b|a -> b -> a"):
         a.options(after=[b])()
     assert gpuctx.scheduler().tasks() == []
@@ -526,7 +525,6 @@ def test_evict_api_and_errors(fresh, gate):
         gpuctx.evict("nope")
     release.set()
     t.result(TIMEOUT)
-    gpuctx.scheduler().shutdown  # noqa: B018
     for _ in range(1000):
         if not gpuctx.scheduler().slot("m").busy:
             break
