@@ -39,12 +39,13 @@ torch nor CuPy.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-from ._cuda import _CAPTURE_LOCK
+from ._cuda import _CAPTURE_LOCK, _cupy_view
 from .errors import ConfigError
 
 __all__ = ["GraphRunner", "make_graph_runner"]
@@ -69,13 +70,16 @@ def _items(d: dict) -> list:
     return sorted(d.items(), key=lambda kv: repr(kv[0]))
 
 
-def _key(x: Any) -> Any:
-    if _is_tensor(x):
-        return ("T", tuple(x.shape), str(x.dtype), str(x.device), bool(getattr(x, "requires_grad", False)))
+def _sig(x: Any, tensors: list, tensor_type: Any) -> Any:
+    """The key of ``x`` (tensors by shape, dtype, device and requires_grad; other values by type and
+    value), appending every tensor to ``tensors`` in visiting order. One walk gives both."""
+    if isinstance(x, tensor_type) if tensor_type is not None else _is_tensor(x):
+        tensors.append(x)
+        return (x.shape, x.dtype, x.get_device() if x.is_cuda else str(x.device), bool(x.requires_grad))
     if isinstance(x, (list, tuple)):
-        return (type(x), tuple(_key(y) for y in x))
+        return (type(x), tuple([_sig(y, tensors, tensor_type) for y in x]))
     if isinstance(x, dict):
-        return (type(x), tuple((k, _key(v)) for k, v in _items(x)))
+        return (type(x), tuple([(k, _sig(v, tensors, tensor_type)) for k, v in _items(x)]))
     try:
         hash(x)
     except TypeError:
@@ -83,16 +87,24 @@ def _key(x: Any) -> Any:
     return ("V", type(x), x)   # the type keeps 1, 1.0 and True apart
 
 
-def _graph_key(args: Any, kwargs: Any = None) -> tuple:
-    """A hashable signature of the arguments: tensors by shape/dtype/device, other values by type and value.
+def _signature(args: tuple, kwargs: dict, tensor_type: Any = None) -> tuple[tuple, list]:
+    """(key, tensors) of a call: the key is hashable, the tensors are in the order :func:`_tensors_in` gives.
 
-    Raises ``_Unkeyable`` for an argument that is neither a tensor, a container, nor hashable.
+    ``tensor_type`` is ``torch.Tensor`` on the hot path (a duck-typed check otherwise). Raises
+    ``_Unkeyable`` for an argument that is neither a tensor, a container, nor hashable.
     """
-    return (_key(tuple(args)), _key(dict(kwargs or {})))
+    tensors: list = []
+    key = (_sig(tuple(args), tensors, tensor_type), _sig(dict(kwargs), tensors, tensor_type) if kwargs else ())
+    return key, tensors
+
+
+def _graph_key(args: Any, kwargs: Any = None) -> tuple:
+    """A hashable signature of the arguments: tensors by shape/dtype/device, other values by type and value."""
+    return _signature(tuple(args), dict(kwargs or {}))[0]
 
 
 def _tensors_in(x: Any) -> list:
-    """Every tensor in ``x``, in the order :func:`_key` visits them."""
+    """Every tensor in ``x``, in the order the key visits them."""
     out: list = []
     _collect(x, out)
     return out
@@ -126,14 +138,24 @@ def _map(f: Callable[[Any], Any], x: Any) -> Any:
     return x
 
 
-def _has_cuda_tensor(x: Any) -> bool:
-    return any(getattr(t, "is_cuda", False) for t in _tensors_in(x))
+def _current_stream_id(torch: Any, stream: Any) -> int:
+    """The id of the current stream on ``stream``'s device, without building a Stream object where torch allows."""
+    get = getattr(torch._C, "_cuda_getCurrentStream", None)
+    if get is not None:
+        return get(stream.device_index)[0]
+    return torch.cuda.current_stream(stream.device).stream_id
+
+
+def _clone(t: Any) -> Any:
+    return t.clone()
 
 
 def _mode_key(torch: Any) -> tuple:
     """Grad, inference and autocast modes: a graph captured under one must not replay under another."""
     try:
-        autocast: tuple = (torch.is_autocast_enabled("cuda"), str(torch.get_autocast_dtype("cuda")))
+        autocast: tuple = (torch.is_autocast_enabled("cuda"),)
+        if autocast[0]:
+            autocast += (torch.get_autocast_dtype("cuda"),)
     except (TypeError, AttributeError):   # torch before the device_type argument
         autocast = (torch.is_autocast_enabled(),)
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
@@ -206,38 +228,45 @@ class GraphRunner:
         self._generation: Any = None
         self._side: Any = None
         self._warned_unkeyable = False
+        self._cpu = getattr(device, "name", "cpu") == "cpu"
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"GraphRunner({self._name}, context={self.context!r}, graphs={len(self.cache)})"
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
-        if getattr(self.device, "name", "cpu") == "cpu" or not _has_cuda_tensor((args, kwargs)):
+        # The hot path of every replay: one walk over the arguments, no stream switch when the
+        # caller already runs on the context's stream (the scheduler's case).
+        torch = sys.modules.get("torch")
+        if torch is None or self._cpu:
             return self.fn(*args, **kwargs)
-        import torch
-
         try:
-            key = (_graph_key(args, kwargs), _mode_key(torch))
+            sig, tensors = _signature(args, kwargs, torch.Tensor)
         except _Unkeyable as exc:
+            if not any(getattr(t, "is_cuda", False) for t in _tensors_in((args, kwargs))):
+                return self.fn(*args, **kwargs)
             if not self._warned_unkeyable:
                 self._warned_unkeyable = True
                 warnings.warn(f"gpuctx: cannot run {self._name} as a CUDA graph ({exc}); it runs eagerly",
                               RuntimeWarning, stacklevel=2)
             return self.fn(*args, **kwargs)
+        if not any(t.is_cuda for t in tensors):
+            return self.fn(*args, **kwargs)
+        key = (sig, _mode_key(torch))
         with self._lock:
             self._check_generation()
             stream = self.device.get_stream(self.context)
+            if _current_stream_id(torch, stream) == stream.stream_id:
+                return self._run(torch, key, args, kwargs, tensors, stream)
             caller = torch.cuda.current_stream(stream.device)
-            hop = caller.cuda_stream != stream.cuda_stream
-            if hop:   # called from another stream: order our work after the caller's, and back
-                stream.wait_stream(caller)
+            # Called from another stream: order our work after the caller's, and back.
+            stream.wait_stream(caller)
             with torch.cuda.stream(stream):
-                out = self._run(torch, key, args, kwargs, stream)
-            if hop:
-                caller.wait_stream(stream)
-                for t in _tensors_in(out):
-                    if t.is_cuda:
-                        t.record_stream(caller)   # its memory is not reused before the caller is done
+                out = self._run(torch, key, args, kwargs, tensors, stream)
+            caller.wait_stream(stream)
+            for t in _tensors_in(out):
+                if t.is_cuda:
+                    t.record_stream(caller)   # its memory is not reused before the caller is done
             return out
 
     def _check_generation(self) -> None:
@@ -247,11 +276,11 @@ class GraphRunner:
             self.cache.clear()   # the weights moved: addresses baked into the graphs are stale
             self._generation = g
 
-    def _run(self, torch: Any, key: Any, args: tuple, kwargs: dict, stream: Any) -> Any:
-        if key in self.eager_keys:
-            return self.fn(*args, **kwargs)
+    def _run(self, torch: Any, key: Any, args: tuple, kwargs: dict, tensors: list, stream: Any) -> Any:
         entry = self.cache.get(key)
         if entry is None:
+            if key in self.eager_keys:
+                return self.fn(*args, **kwargs)
             try:
                 entry = self._capture(torch, args, kwargs, stream)
             except _CaptureFailed as exc:
@@ -263,13 +292,15 @@ class GraphRunner:
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         else:
-            self.cache.move_to_end(key)
-            for dst, src in zip(entry.inputs, _tensors_in((args, kwargs))):
+            if len(self.cache) > 1:
+                self.cache.move_to_end(key)
+            for dst, src in zip(entry.inputs, tensors):
                 dst.copy_(src, non_blocking=True)
         entry.graph.replay()
+        out = entry.output
         if not self.clone_outputs:
-            return entry.output
-        return _map(lambda t: t.clone(), entry.output)
+            return out
+        return out.clone() if _is_tensor(out) else _map(_clone, out)
 
     def _side_stream(self, torch: Any, stream: Any) -> Any:
         if self._side is None:
@@ -290,7 +321,9 @@ class GraphRunner:
         pool = torch.cuda.graph_pool_handle()   # our own id, so a failed capture's pool can be let go
         raised: list[BaseException] = []
         captured = False
-        with _CAPTURE_LOCK:
+        with _CAPTURE_LOCK, warnings.catch_warnings():
+            # A body with no kernels captures an empty graph; torch warns, we refuse it with a reason.
+            warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
             try:
                 # The outer stream scope restores the current stream even when capture_end()
                 # raises inside torch.cuda.graph's __exit__ (which then skips its own restore).
@@ -341,16 +374,32 @@ def _recover_from_failed_capture(torch: Any, side: Any, pool: Any) -> None:
                 step(device, pool)
     with contextlib.suppress(Exception):
         torch.cuda.synchronize(device)
+    _reset_generators(torch, side)
+
+
+def _reset_generators(torch: Any, side: Any) -> None:
+    """End the capture mode that a failed capture leaves the CUDA RNG generators in.
+
+    ``capture_begin()`` puts the device's default generator in capture mode and only a
+    successful ``capture_end()`` takes it out again; after a failed one every later random
+    op in the process fails ("Offset increment outside graph capture encountered
+    unexpectedly"). An empty capture that succeeds runs the missing epilogue.
+    """
+    with torch.cuda.device(side.device), torch.cuda.stream(side), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "the CUDA graph is empty": that is the point
+        with contextlib.suppress(Exception):
+            empty = torch.cuda.CUDAGraph()
+            empty.capture_begin(capture_error_mode="thread_local")
+            empty.capture_end()
+            del empty
 
 
 def _cupy_on(stream: Any) -> Any:
     """Make ``stream`` CuPy's current stream too, when CuPy is imported, so CuPy kernels are captured."""
-    import sys
-
     cp = sys.modules.get("cupy")
     if cp is None or not hasattr(cp, "cuda"):
         return contextlib.nullcontext()
-    return cp.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+    return _cupy_view(cp, stream.cuda_stream, stream.device.index)
 
 
 def make_graph_runner(fn: Callable[..., Any], *, device: Any, context: str, cache_size: int = 8,
