@@ -4,7 +4,7 @@ Each part, and why it is built the way it is:
 
 * **Streams.** Every execution context gets one CUDA stream, made on first use. Inside
   ``stream_scope(context)`` that stream is current for torch and, when the user has
-  already imported CuPy, for CuPy too (an ``ExternalStream`` wrapping the same
+  already imported CuPy, for CuPy too (a CuPy view of the same
   ``cudaStream_t``), so both libraries queue kernels in one order. We never import CuPy
   just to find out; a context whose CuPy allocations need a hard cap gets its own
   ``cupy.cuda.MemoryPool`` with ``set_limit`` (:meth:`CudaDevice.set_context_limit`).
@@ -43,6 +43,7 @@ import importlib.util
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -107,6 +108,41 @@ def _imported_cupy() -> Any:
     """CuPy if the user imported it (never imported here), else None."""
     cp = sys.modules.get("cupy")
     return cp if cp is not None and hasattr(cp, "cuda") else None
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``), for CuPy's ``from_external``."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def _cupy_view(cp: Any, ptr: int, index: int) -> Any:
+    """CuPy's Stream over a stream made elsewhere (torch's): ``Stream.from_external`` where CuPy has
+    it (CuPy 14 deprecates ``ExternalStream``), else ``ExternalStream``."""
+    from_external = getattr(getattr(cp.cuda, "Stream", None), "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(_StreamHandle(ptr))
+        except Exception:  # noqa: BLE001 - an older protocol: the deprecated class still works
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(ptr, index)
+
+
+def _torch_stream_calls(torch: Any) -> tuple | None:
+    """torch's C functions behind ``torch.cuda.stream``/``device``: (current stream of a device as
+    (id, index, type), set the current stream by id, exchange the current device). None where
+    this torch lacks one of them (or is a test fake): the public context managers are used then."""
+    c = getattr(torch, "_C", None)
+    calls = tuple(getattr(c, n, None) for n in ("_cuda_getCurrentStream", "_cuda_setStream", "_cuda_exchangeDevice"))
+    return None if None in calls else calls
 
 
 def _is_oom_exception(exc: BaseException) -> bool:
@@ -220,6 +256,8 @@ class CudaDevice:
         self._nvml_handle: Any = None
         self._per_stream = False
         self._context_bytes = CONTEXT_ESTIMATE
+        self._fast = _torch_stream_calls(torch)
+        self._known_streams: dict[tuple, Any] = {}
 
     def __repr__(self) -> str:
         return f"CudaDevice({self.name!r}, streams={len(self._streams)}, host_used={format_size(self._host_used)})"
@@ -338,7 +376,19 @@ class CudaDevice:
             return stream
         s = self._cupy_streams.get(context)
         if s is None or s.ptr != stream.cuda_stream:
-            s = self._cupy_streams[context] = cp.cuda.ExternalStream(stream.cuda_stream, self.index)
+            s = self._cupy_streams[context] = _cupy_view(cp, stream.cuda_stream, self.index)
+        return s
+
+    def _current_stream(self) -> Any:
+        """torch's current stream of this card in the calling thread (a cached Stream object per stream:
+        building one costs more than the whole event record)."""
+        torch = self._torch
+        if self._fast is None:
+            return torch.cuda.current_stream(self.index)
+        ids = self._fast[0](self.index)
+        s = self._known_streams.get(ids)
+        if s is None:
+            s = self._known_streams[ids] = torch.cuda.Stream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
         return s
 
     def stream_scope(self, context: str) -> ContextManager[Any]:
@@ -350,6 +400,20 @@ class CudaDevice:
         stream = self.get_stream(context)
         torch = self._torch
         cp = self._cupy()
+        if cp is None and self._fast is not None:
+            # torch only, the common case: switch device and stream through torch's own C calls
+            # (what torch.cuda.device/stream do, without their Python objects): ~2 µs, not ~20.
+            get_stream, set_stream, exchange_device = self._fast
+            sid, didx, dtype = stream.stream_id, stream.device_index, stream.device_type
+            prev_device = exchange_device(self.index)
+            prev = get_stream(didx)
+            set_stream(stream_id=sid, device_index=didx, device_type=dtype)
+            try:
+                yield stream
+            finally:
+                set_stream(stream_id=prev[0], device_index=prev[1], device_type=prev[2])
+                exchange_device(prev_device)
+            return
         with contextlib.ExitStack() as stack:
             if torch is not None:
                 stack.enter_context(torch.cuda.device(self.index))
@@ -389,6 +453,18 @@ class CudaDevice:
         """Block the calling thread until ``event`` completed; None is a no-op."""
         if event is not None:
             event.synchronize()
+
+    def record_caller(self) -> Any:
+        """Record an event on the calling thread's current stream of this card and return it."""
+        if self._torch is not None:
+            event = self._torch.cuda.Event()
+            event.record(self._current_stream())
+            return event
+        cp = self._cp
+        with cp.cuda.Device(self.index):
+            event = cp.cuda.Event(block=False, disable_timing=True)
+            event.record(cp.cuda.get_current_stream())
+        return event
 
     def record_stream(self, context: str, value: Any) -> None:
         """Mark the CUDA tensors in ``value`` as used on ``context``'s stream.

@@ -56,6 +56,16 @@ class Device(Protocol):
     def synchronize(self, event: Any) -> None:
         """Block the calling thread until ``event`` has completed."""
 
+    def record_caller(self) -> Any:
+        """Record an event on the calling thread's current stream (None on CPU).
+
+        Taken at submit: the task's stream waits on it, so work the caller queued before the
+        call (tensors it is still producing on the default stream) is done before the task reads it.
+        """
+
+    def record_stream(self, context: str, value: Any) -> None:
+        """Mark the device tensors in ``value`` as in use on ``context``'s stream (allocator safety)."""
+
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
         """Run ``loader`` on ``context``'s stream; return the object and the bytes it measurably took."""
 
@@ -105,6 +115,12 @@ class CpuDevice:
         return None
 
     def synchronize(self, event: Any) -> None:
+        return None
+
+    def record_caller(self) -> None:
+        return None
+
+    def record_stream(self, context: str, value: Any) -> None:
         return None
 
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:

@@ -421,6 +421,9 @@ class Scheduler:
         task._ndeps = 0
         task._batch_key = spec.fn if spec.batch_size > 1 else None
         task._ready_at = 0.0
+        # Work the caller queued on its own stream before this call (the tensors it passes, made
+        # on the default stream a moment ago) must be done before the task's stream reads them.
+        task._caller_event = self._device.record_caller()
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down; call gpuctx.configure() or use a new one")
@@ -842,10 +845,8 @@ class Scheduler:
         device = self._device
         try:
             with device.stream_scope(slot.name):
-                for t in batch:
-                    for d in t._deps:
-                        if d._event is not None and d.model != slot.name:
-                            device.wait_event(slot.name, d._event)
+                if device.name != "cpu":
+                    self._order_inputs(slot.name, batch)
                 token = _current.set(_Frame(slot.name, obj, device.name, batch[0]))
                 try:
                     if len(batch) == 1 and spec.batch_size <= 1:
@@ -872,6 +873,19 @@ class Scheduler:
             err = BatchError(f"{spec.name}: batched over {len(batch)} inputs but returned {got}; expected a list of {len(batch)} results")
             return [("err", err)] * len(batch)
         return [("ok", v) for v in value]
+
+    def _order_inputs(self, context: str, batch: list[Task]) -> None:
+        """Make ``context``'s stream wait for each input's producer (an event, no host sync), and tell
+        the allocator the inputs are in use on this stream, so their memory is not handed out again
+        before this task's kernels have read them (the producer may drop its reference at once)."""
+        device = self._device
+        for t in batch:
+            device.wait_event(context, t._caller_event)
+            for d in t._deps:
+                if d._event is not None and d.model != context:
+                    device.wait_event(context, d._event)
+                    device.record_stream(context, d._value)
+            device.record_stream(context, (t._args, t._kwargs))
 
     def _callable(self, spec: TaskSpec, context: str, task: Task) -> Callable[[], Any]:
         args, kwargs = _substitute(task._args, task._kwargs)

@@ -607,3 +607,55 @@ def test_eviction_warns_when_a_notebook_variable_still_holds_the_model(fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gpuctx.evict("m")    # nobody else holds it now: no warning
+
+
+class _RecordingDevice(gpuctx.device.CpuDevice):
+    """A CPU device that hands out events and logs how the scheduler orders streams."""
+
+    def __init__(self) -> None:
+        super().__init__(budget=10 * gpuctx.GB)
+        self.name = "recording"
+        self.log: list[tuple] = []
+        self._n = 0
+
+    def _event(self, where: str) -> str:
+        self._n += 1
+        return f"{where}#{self._n}"
+
+    def record_caller(self) -> str:
+        return self._event("caller")
+
+    def record_event(self, context: str) -> str:
+        return self._event(context)
+
+    def wait_event(self, context: str, event) -> None:
+        self.log.append(("wait", context, event))
+
+    def record_stream(self, context: str, value) -> None:
+        self.log.append(("in_use", context, value))
+
+
+def test_inputs_are_ordered_by_events_and_marked_in_use_on_the_consumer_stream():
+    from gpuctx.scheduler import Scheduler, TaskSpec
+
+    dev = _RecordingDevice()
+    sched = Scheduler(device=dev)
+    try:
+        produce = TaskSpec(fn=lambda n: ["tensor", n], name="produce", model="a")
+        consume = TaskSpec(fn=lambda x, y: x + [y], name="consume", model="b")
+        p = sched.submit(produce, (1,), {})
+        assert p.result(TIMEOUT) == ["tensor", 1]
+        c = sched.submit(consume, (p, "raw"), {})
+        assert c.result(TIMEOUT) == ["tensor", 1, "raw"]
+    finally:
+        sched.shutdown()
+    p_caller, c_caller = p._caller_event, c._caller_event
+    assert p_caller.startswith("caller") and c_caller.startswith("caller") and p_caller != c_caller
+    assert ("wait", "a", p_caller) in dev.log
+    consumer = [e for e in dev.log if e[1] == "b"]
+    # The consumer's stream waits for its caller's stream and for the producer's event (recorded on
+    # stream "a"), and the producer's result and the raw arguments are marked in use on stream "b".
+    assert consumer[0] == ("wait", "b", c_caller)
+    assert ("wait", "b", p._event) in consumer and p._event.startswith("a#")
+    assert ("in_use", "b", ["tensor", 1]) in consumer
+    assert ("in_use", "b", ((p, "raw"), {})) in consumer
