@@ -10,10 +10,12 @@ GraphRunner), so the numbers are ours, next to a baseline measured in the same r
     next to a raw pinned host-to-device copy (``copy_(non_blocking=True)``); target >= 0.8 of it.
     Offload (device to host) is shown the same way, for information.
 (b) release: from CudaDevice.release() being called until the driver shows the memory free.
-(c) 4 small launch-bound MLPs (8 layers of 256x256, batch 32) as 4 contexts: eager serial on one
+(c) 4 small launch-bound MLPs (8, then 32 layers of 256x256, batch 32) as 4 contexts: eager serial on one
     stream; eager on 4 context streams from 4 threads; CUDA graphs replayed serially on one stream;
     CUDA graphs on each context's own stream (interleaved from one thread, and from 4 threads).
-    Targets: graphs per context >= 8x eager serial, and >= 2x graphs on one stream.
+    Targets: graphs per context >= 8x eager serial, and >= 2x graphs on one stream. Then the same
+    4 models through the whole scheduler (4 @gpu_task calls per round, eager and cuda_graph=True),
+    wall clock from the first submit to the last result, against eager serial by wall clock.
 (d) the same at a compute-bound size (4 layers of 4096x4096, batch 4096): target >= 0.95x (no regression).
 
 Timings: medians of many runs after warm-up, on random data; (c) and (d) are CUDA-event timings
@@ -28,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += _transfer_rows(torch, dev, reps=3 if quick else 10)
     rows += _release_rows(torch, dev, reps=3 if quick else 7)
     rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=8, batch=32, reps=50 if quick else 300)
+    rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=32, batch=32, reps=30 if quick else 150)
     rows += _stream_rows(torch, dev, "compute-bound", width=4096, depth=4, batch=4096, reps=4 if quick else 15)
     print("| measurement | value | baseline (same run) | ratio | target |")
     print("|---|---:|---:|---:|---|")
@@ -171,9 +175,10 @@ def _stream_rows(torch: Any, dev: Any, label: str, *, width: int, depth: int, ba
 
     nets = [_mlp(torch, width, depth) for _ in range(CONTEXTS)]
     xs = [torch.randn(batch, width, device="cuda") for _ in range(CONTEXTS)]
-    contexts = [f"{label}-{i}" for i in range(CONTEXTS)]
+    tag = f"{label}-d{depth}"
+    contexts = [f"{tag}-{i}" for i in range(CONTEXTS)]
     streams = [dev.get_stream(c) for c in contexts]
-    serial_ctx = f"{label}-serial"
+    serial_ctx = f"{tag}-serial"
     serial_stream = dev.get_stream(serial_ctx)
     graph_serial = [make_graph_runner(lambda x, n=n: n(x), device=dev, context=serial_ctx) for n in nets]
     graph_ctx = [make_graph_runner(lambda x, n=n: n(x), device=dev, context=c) for n, c in zip(nets, contexts)]
@@ -228,6 +233,8 @@ def _stream_rows(torch: Any, dev: Any, label: str, *, width: int, depth: int, ba
         join(cur)
 
     with torch.no_grad():
+        t_eager_wall = _wall(torch, eager_serial, reps, warmup=10) * 1e3
+        t_sched = {g: _scheduler_ms(torch, nets, xs, tag, graph=g, reps=reps) for g in (False, True)}
         t_eager = _event_ms(torch, eager_serial, reps)
         t_eager_threads = _event_ms(torch, eager_threads, reps)
         t_graph_one = _event_ms(torch, graphs_one_stream, reps)
@@ -238,7 +245,7 @@ def _stream_rows(torch: Any, dev: Any, label: str, *, width: int, depth: int, ba
     assert captured == 2 * CONTEXTS, f"{label}: expected every body captured once, got {captured} graphs"
 
     shape = f"{CONTEXTS} MLPs, {depth} layers {width}x{width}, batch {batch}"
-    launch_bound = label == "launch-bound"
+    launch_bound = label.startswith("launch-bound")
 
     def row(what: str, t: float, versus_one_stream: bool = False, baseline: bool = False) -> tuple:
         ratio = f"{t_eager / t:.2f}x"
@@ -250,13 +257,55 @@ def _stream_rows(torch: Any, dev: Any, label: str, *, width: int, depth: int, ba
             target = ">= 8x, and >= 2x graphs on one stream" if versus_one_stream else ""
         return (f"{label} ({shape}): {what}", f"{t:.3f} ms/round", f"eager serial {t_eager:.3f} ms", ratio, target)
 
+    def sched_row(graph: bool) -> tuple:
+        t = t_sched[graph]
+        what = "gpuctx tasks, 4 models, " + ("cuda_graph=True" if graph else "eager")
+        target = (">= 8x" if graph else "") if launch_bound else ">= 0.95x"
+        return (f"{label} ({shape}): {what} (wall clock, submit to result)", f"{t:.3f} ms/round",
+                f"eager serial {t_eager_wall:.3f} ms (wall clock)", f"{t_eager_wall / t:.2f}x", target)
+
     return [
         row("eager, serial on one stream", t_eager, baseline=True),
         row("eager, a stream per context (4 threads)", t_eager_threads),
         row("CUDA graphs, serial on one stream", t_graph_one),
         row("CUDA graphs, a stream per context (interleaved, 1 thread)", t_graph_inter, True),
         row("CUDA graphs, a stream per context (4 threads)", t_graph_threads, True),
+        sched_row(False),
+        sched_row(True),
     ]
+
+
+def _scheduler_ms(torch: Any, nets: list, xs: list, label: str, *, graph: bool, reps: int) -> float:
+    """Median wall-clock ms of one round through the full scheduler: 4 tasks, one per model, then their results.
+
+    Each model is its own context (own stream, own worker thread); ``Task.result()`` waits for
+    the producing stream, so a round ends when the GPU work has.
+    """
+    import gpuctx
+
+    gpuctx.reset()
+    gpuctx.configure(device="cuda:0")
+    fns = []
+    for i, net in enumerate(nets):
+        name = f"sched-{label}-{i}-{'graph' if graph else 'eager'}"
+        gpuctx.model(name, vram="1GB", offload=False)(lambda net=net: net)
+
+        def body(x: Any, i: int = i) -> Any:
+            with torch.no_grad():
+                return gpuctx.current_model()(x)
+
+        fns.append(gpuctx.gpu_task(model=name, cuda_graph=graph, name=f"mlp{i}")(body))
+
+    def round_() -> None:
+        for t in [f(x) for f, x in zip(fns, xs)]:
+            t.result()
+
+    try:
+        return _wall(torch, round_, reps, warmup=10) * 1e3
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # "still referenced": the bench keeps the nets
+            gpuctx.reset()
 
 if __name__ == "__main__":
     main()

@@ -90,3 +90,136 @@ def test_auto_size_is_measured_and_eviction_offloads_to_host(cuda):
     again = use(x).result(TIMEOUT)
     assert torch.allclose(first, again, atol=1e-6)       # the same weights came back
     assert gpuctx.stats()["models"]["net"]["restores"] == 1
+
+
+def _long_chain(x: "torch.Tensor", n: int = 40) -> "torch.Tensor":
+    """Many kernels over a large tensor: milliseconds of queued work that a racing reader would miss."""
+    for _ in range(n):
+        x = torch.sin(x) * 1.0001 + 0.5
+    return x
+
+
+def test_a_task_waits_for_what_the_caller_queued_on_its_own_stream(cuda):
+    @gpuctx.gpu_task(model="reader", vram="2GB")
+    def read(x):
+        return x.clone()
+
+    for _ in range(3):
+        x = _long_chain(torch.randn(64 * 2**20, device="cuda"))   # queued on the default stream, not finished
+        got = read(x).result(TIMEOUT)
+        torch.cuda.synchronize()
+        assert torch.equal(got, x)
+
+
+def test_result_returns_only_once_the_producing_stream_is_done(cuda):
+    @gpuctx.gpu_task(model="slow", vram="2GB")
+    def produce(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        return _long_chain(torch.randn(64 * 2**20, device="cuda", generator=g))
+
+    t = produce(7)
+    value = t.result(TIMEOUT)
+    assert t._event is not None and t._event.query(), "result() returned before the producer's stream reached its event"
+    g = torch.Generator(device="cuda").manual_seed(7)
+    assert torch.equal(value, _long_chain(torch.randn(64 * 2**20, device="cuda", generator=g)))
+
+
+def test_eviction_gives_the_memory_back_as_nvml_sees_it(cuda):
+    pynvml = pytest.importorskip("pynvml")
+    handle = gpuctx.scheduler().device._nvml_handle          # this card, found by its UUID
+    if handle is None:
+        pytest.skip("NVML does not see this card (MIG slice or no NVML): cudaMemGetInfo is used instead")
+
+    @gpuctx.model("big", vram="auto", offload=False)
+    def load():
+        return torch.nn.Sequential(*[torch.nn.Linear(8192, 8192, bias=False) for _ in range(8)]).cuda()   # 2.1 GB
+
+    @gpuctx.gpu_task(model="big")
+    def touch(x):
+        with torch.no_grad():
+            return gpuctx.current_model()(x).sum()
+
+    touch(torch.randn(4, 8192, device="cuda")).result(TIMEOUT)
+    size = gpuctx.scheduler().slot("big").size
+    assert size >= 2 * 10**9
+    free_before = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+    assert gpuctx.evict("big") == ["big"]
+    free_after = pynvml.nvmlDeviceGetMemoryInfo(handle).free
+    assert free_after - free_before >= 0.9 * size
+    assert gpuctx.scheduler().slot("big").state == "absent"
+
+
+def test_out_of_memory_in_a_task_evicts_idle_models_and_retries(cuda):
+    free = torch.cuda.mem_get_info(0)[0]
+
+    @gpuctx.model("hog", vram="auto", offload=False)
+    def load_hog():
+        return torch.empty(int(free * 0.6), dtype=torch.uint8, device="cuda")
+
+    @gpuctx.gpu_task(model="hog")
+    def warm():
+        return gpuctx.current_model().numel()
+
+    calls = []
+
+    @gpuctx.gpu_task(model="worker", vram="1GB")      # declares far less than it takes: a real OOM follows
+    def big(n):
+        calls.append(n)
+        x = torch.empty(n, dtype=torch.uint8, device="cuda")
+        x.random_()
+        out = int(x[:1000].sum())
+        del x
+        return out
+
+    assert warm().result(TIMEOUT) == int(free * 0.6)
+    assert gpuctx.scheduler().slot("hog").state == "resident"
+    assert big(int(free * 0.5)).result(TIMEOUT) > 0
+    assert len(calls) == 2, "the first attempt must have run out of memory and the retry succeeded"
+    assert gpuctx.scheduler().slot("hog").state == "absent"
+    kinds = [e.kind for e in gpuctx.scheduler().trace.events]
+    assert "oom_retry" in kinds and kinds.index("oom_retry") < len(kinds) - 1
+
+
+def test_out_of_memory_that_cannot_be_recovered_fails_only_that_task(cuda):
+    total = torch.cuda.mem_get_info(0)[1]
+
+    @gpuctx.gpu_task(model="greedy", vram="1GB")
+    def too_big():
+        return torch.empty(2 * total, dtype=torch.uint8, device="cuda")
+
+    @gpuctx.gpu_task(model="greedy", vram="1GB")
+    def small(x):
+        return (x * 2).sum()
+
+    t = too_big()
+    with pytest.raises(gpuctx.GpuOutOfMemory, match=r"budget .*committed .*residents"):
+        t.result(TIMEOUT)
+    x = torch.randn(1000, device="cuda")
+    assert torch.allclose(small(x).result(TIMEOUT), (x * 2).sum())
+
+
+def test_cuda_graph_tasks_replay_and_match_eager(cuda):
+    @gpuctx.model("mlp", vram="auto")
+    def load():
+        layers = []
+        for _ in range(4):
+            layers += [torch.nn.Linear(256, 256), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers).cuda().eval()
+
+    @gpuctx.gpu_task(model="mlp", cuda_graph=True)
+    def infer(x):
+        with torch.no_grad():
+            return gpuctx.current_model()(x)
+
+    xs = [torch.randn(32, 256, device="cuda") for _ in range(5)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no eager fallback warning
+        outs = [t.result(TIMEOUT) for t in [infer(x) for x in xs]]
+    net = gpuctx.scheduler().slot("mlp").obj
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            assert torch.allclose(out, net(x), atol=1e-5)
+    runners = list(gpuctx.scheduler()._graph_runners.values())
+    assert len(runners) == 1 and len(runners[0].cache) == 1
