@@ -28,6 +28,7 @@ class Ledger:
         self.used: dict[str, int] = {}
         self.claims: dict[str, int] = {}
         self.peak = 0
+        self._committed = 0   # kept in step by every change: read on every task end (the trace's VRAM line)
 
     def charge(self, name: str) -> int:
         """Bytes counted for ``name`` now."""
@@ -35,8 +36,13 @@ class Ledger:
 
     def committed(self) -> int:
         """Bytes counted for every slot (never above the budget)."""
+        return self._committed
+
+    def _recount(self) -> None:
         names = self.reserved.keys() | self.used.keys()
-        return sum(self.charge(n) for n in names)
+        self._committed = sum(self.charge(n) for n in names)
+        if self._committed > self.peak:
+            self.peak = self._committed
 
     def free(self) -> int:
         """Budget minus committed bytes."""
@@ -53,11 +59,12 @@ class Ledger:
                 f"free {format_size(self.free())}"
             )
         self.reserved[name] = nbytes
-        self._note_peak()
+        self._recount()
 
     def drop_base(self, name: str) -> None:
         """Stop holding ``name``'s base reservation."""
         self.reserved.pop(name, None)
+        self._recount()
 
     def can_activate(self, name: str, nbytes: int) -> bool:
         """True when ``name`` may count ``nbytes`` as used without exceeding the budget."""
@@ -70,20 +77,16 @@ class Ledger:
             raise AssertionError(f"ledger: {name!r} would exceed the budget")  # callers check first
         self.claims.pop(name, None)
         self.used[name] = nbytes
-        self._note_peak()
+        self._recount()
 
     def grow(self, name: str, nbytes: int) -> int:
         """Set ``name``'s use to a measured ``nbytes``; return bytes over budget (0 when it fits)."""
         self.used[name] = nbytes
-        self._note_peak()
+        self._recount()
         return max(0, self.committed() - self.budget)
 
     def release(self, name: str) -> None:
         """``name`` uses nothing any more (its base reservation stays)."""
         self.used.pop(name, None)
         self.claims.pop(name, None)
-
-    def _note_peak(self) -> None:
-        c = self.committed()
-        if c > self.peak:
-            self.peak = c
+        self._recount()

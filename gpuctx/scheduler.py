@@ -21,6 +21,7 @@ A housekeeping thread unloads models idle past their ``keep_alive``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -412,15 +413,15 @@ class Scheduler:
         for extra in spec.after:
             deps.extend(self._after_deps(spec, extra))
         to_resolve: list = []
-        # Built before taking the lock: nothing else can see the task yet.
+        # Built before taking the lock: nothing else can see the task yet. Attributes left at
+        # their class defaults (no dependencies, not batched, on the GPU) cost nothing here.
         task = Task(next(self._ids), spec.name, spec.model, spec.priority, self)
         task._spec = spec
         task._args, task._kwargs = args, kwargs
-        task._deps = list(dict.fromkeys(deps)) if deps else []
-        task._dependents = []
-        task._ndeps = 0
-        task._batch_key = spec.fn if spec.batch_size > 1 else None
-        task._ready_at = 0.0
+        if deps:
+            task._deps = list(dict.fromkeys(deps))
+        if spec.batch_size > 1:
+            task._batch_key = spec.fn
         # Work the caller queued on its own stream before this call (the tensors it passes, made
         # on the default stream a moment ago) must be done before the task's stream reads them.
         task._caller_event = self._device.record_caller()
@@ -430,23 +431,26 @@ class Scheduler:
             for d in deps:
                 if d._scheduler is not self:
                     raise ConfigError(f"{spec.name}(): a dependency Task #{d.id} belongs to another (shut down?) scheduler")
-            slot = self._slot_locked(spec.model)
+            slot = self._slots.get(spec.model) or self._slot_locked(spec.model)
             on_cpu = spec.device == "cpu"
-            if not on_cpu:
+            if not on_cpu and not (slot.state == policy.RESIDENT and (spec.vram is None or spec.vram == slot.size)
+                                   and not self._handlers):
+                # A resident model fits (the ledger charged it); anything else is checked.
                 on_cpu = self._admit_locked(slot, spec)
-            if not on_cpu:
+            if not on_cpu and slot.max_queue is not None:
                 self._make_room_in_queue_locked(slot, spec, block, timeout, to_resolve)
-            task._on_cpu = on_cpu
-            task.device = "cpu" if on_cpu else self._device.name
-            task.submitted_at = self._clock()
+            task.submitted_at = now = self._clock()
             self._live.add(task)
             live = self._fn_live.get(spec.fn)
-            if live is None:
-                live = self._fn_live[spec.fn] = weakref.WeakSet()
-            live.add(task)
-            if not on_cpu:
+            if live is not None:   # some after=[this function] is watching its calls
+                live.add(task)
+            self.trace.record("submit", task=task.id, name=spec.name, model=spec.model, t=now)
+            if on_cpu:
+                task._on_cpu = True
+                task.device = "cpu"
+            else:
+                task.device = self._device.name
                 slot.pending += 1
-            self.trace.record("submit", task=task.id, name=spec.name, model=spec.model, t=task.submitted_at)
             failed_dep = None
             for d in task._deps:
                 if d.state in (TaskState.FAILED, TaskState.CANCELLED):
@@ -462,9 +466,12 @@ class Scheduler:
                 self._fail_locked(task, _dep_error(task, failed_dep), to_resolve)
             elif task._ndeps == 0:
                 self._make_ready_locked(task)
-                self._dispatch_locked()
-                self._cond.notify_all()   # a batch that waits to fill
-        _resolve(to_resolve)
+                if not slot.busy or on_cpu:   # a busy slot's worker takes it from the queue itself
+                    self._dispatch_locked()
+                if spec.batch_size > 1:
+                    self._cond.notify_all()   # a batch that waits to fill
+        if to_resolve:
+            _resolve(to_resolve)
         return task
 
     def _after_deps(self, spec: TaskSpec, item: Any) -> list[Task]:
@@ -474,7 +481,12 @@ class Scheduler:
         if inner is not None:
             with self._cond:
                 live = self._fn_live.get(inner.fn)
-                return [t for t in (live or ()) if not t.state.terminal]
+                if live is None:
+                    # First time a call waits for this function: from now on its calls are
+                    # tracked at submit; the ones already live are found once, here.
+                    live = self._fn_live[inner.fn] = weakref.WeakSet(
+                        t for t in self._live if t._spec.fn is inner.fn)
+                return [t for t in live if not t.state.terminal]
         raise ConfigError(f"{spec.name}: after=[..., {item!r}]: expected a gpuctx.Task or a @gpu_task function")
 
     def _admit_locked(self, slot: Slot, spec: TaskSpec) -> bool:
@@ -568,7 +580,8 @@ class Scheduler:
         elif task.state is TaskState.WAITING:
             slot.pending -= 1
 
-    def _finish_locked(self, task: Task, value: Any, to_resolve: list) -> None:
+    def _finish_locked(self, task: Task, value: Any, to_resolve: list) -> bool:
+        """Mark ``task`` done; True when a dependent became ready (then a dispatch is due)."""
         task.state = TaskState.DONE
         task._value = value
         task.ended_at = self._clock()
@@ -576,12 +589,17 @@ class Scheduler:
         self.trace.record("end", task=task.id, name=task.name, model=task.model, context=task.model,
                           t=task.ended_at, vram=self._ledger.committed())
         to_resolve.append((task, "result", value))
+        if not task._dependents:
+            return False
+        woke = False
         for dep in task._dependents:
             if dep.state is TaskState.WAITING:
                 dep._ndeps -= 1
                 if dep._ndeps == 0:
                     self._make_ready_locked(dep)
+                    woke = True
         task._dependents = []
+        return woke
 
     def _fail_locked(self, task: Task, exc: BaseException, to_resolve: list, cancelled: bool = False) -> None:
         """Fail (or cancel) ``task`` and, transitively, everything that depends on it."""
@@ -785,17 +803,21 @@ class Scheduler:
         while True:
             to_resolve: list = []
             with self._cond:
+                woke = False
                 for t, outcome in zip(prev, prev_out):
                     kind, value = outcome
                     if kind == "ok":
-                        self._finish_locked(t, value, to_resolve)
+                        woke = self._finish_locked(t, value, to_resolve) or woke
                     else:
                         self._fail_locked(t, value, to_resolve)
+                        woke = True
                 if prev:
                     slot.last_used = self._clock()
-                    self._dispatch_locked()
+                    if woke:   # dependents became ready (or failed): other slots may start now
+                        self._dispatch_locked()
                 batch = self._next_batch_locked(slot)
-                self._cond.notify_all()   # queue room for blocked submitters, progress for shutdown()
+                if self._cond._waiters:   # queue room for blocked submitters, progress for shutdown()
+                    self._cond.notify_all()
                 for t in batch:
                     t.state = TaskState.RUNNING
                     t.started_at = self._clock()
@@ -843,9 +865,11 @@ class Scheduler:
         """Run one task (or one batch) on the slot's stream; returns ("ok", value) / ("err", exc) per task."""
         spec: TaskSpec = batch[0]._spec
         device = self._device
+        gpu = device.name != "cpu"
         try:
-            with device.stream_scope(slot.name):
-                if device.name != "cpu":
+            # No stream to switch to on the CPU: the scope is skipped there (it is per task).
+            with device.stream_scope(slot.name) if gpu else _NO_SCOPE:
+                if gpu:
                     self._order_inputs(slot.name, batch)
                 token = _current.set(_Frame(slot.name, obj, device.name, batch[0]))
                 try:
@@ -857,9 +881,10 @@ class Scheduler:
                     value = self._with_oom_retry(slot, call, spec.oom_retries)
                 finally:
                     _current.reset(token)
-                event = device.record_event(slot.name)
-            for t in batch:
-                t._event = event
+                if gpu:
+                    event = device.record_event(slot.name)
+                    for t in batch:
+                        t._event = event
         except BaseException as exc:  # noqa: BLE001 - a task may raise anything; it fails that task only
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -888,7 +913,8 @@ class Scheduler:
             device.record_stream(context, (t._args, t._kwargs))
 
     def _callable(self, spec: TaskSpec, context: str, task: Task) -> Callable[[], Any]:
-        args, kwargs = _substitute(task._args, task._kwargs)
+        # Only a task with dependencies can have Task arguments to replace by their values.
+        args, kwargs = _substitute(task._args, task._kwargs) if task._deps else (task._args, task._kwargs)
         fn = spec.fn
         if spec.cuda_graph and self._device.name != "cpu":
             runner = self._graph_runners.get((spec.fn, context))
@@ -1237,6 +1263,7 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -
 
 
 _SCALARS = (int, float, str, bytes, bool, type(None))
+_NO_SCOPE = contextlib.nullcontext()
 
 
 def _apply_host_budget(device: Device, host_budget: int | None) -> None:

@@ -45,6 +45,15 @@ class TaskState(str, Enum):
 class Task(Future):
     """A scheduled call. ``result()``, ``await task``, ``cancel()``; ``state``, ``wait_time``, ``run_time``."""
 
+    # Scheduler bookkeeping, at class level so that a task with the usual values (no
+    # dependencies, not batched, not on the CPU) costs no assignments at submit.
+    _deps: list = []                          # Tasks this one waits for (replaced, never mutated)
+    _ndeps = 0                                # dependencies not finished yet
+    _batch_key: Any = None
+    _ready_at = 0.0
+    _on_cpu = False
+    _caller_event: Any = None                 # CUDA event on the submitter's stream
+
     def __init__(self, tid: int, name: str, model: str, priority: int, scheduler: "Scheduler | None" = None) -> None:
         super().__init__()
         self.id = tid
@@ -59,6 +68,7 @@ class Task(Future):
         self._scheduler = scheduler
         self._event: Any = None               # CUDA event recorded on the producing stream
         self._value: Any = None               # the result, for dependents (no future round trip)
+        self._dependents: list = []           # Tasks waiting for this one
 
     # -- waiting ----------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
