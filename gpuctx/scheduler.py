@@ -886,8 +886,8 @@ class Scheduler:
                     for t in batch:
                         t._event = event
         except BaseException as exc:  # noqa: BLE001 - a task may raise anything; it fails that task only
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+            # SystemExit and KeyboardInterrupt raised by a body too (as a thread pool does): re-raised
+            # here they would end this worker thread and leave the task RUNNING for good.
             if device.is_oom(exc):
                 exc = self._oom_error(slot, exc, batch[0].name)
             return [("err", exc)] * len(batch)
@@ -1072,7 +1072,7 @@ class Scheduler:
         try:
             args, kwargs = _substitute(task._args, task._kwargs)
             value, err = task._spec.fn(*args, **kwargs), None
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - fails that task only, as on a GPU worker
             value, err = None, exc
         finally:
             _current.reset(token)
@@ -1250,7 +1250,12 @@ class Session:
 
 # --------------------------------------------------------------------------- helpers
 def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -> None:
-    """One thread per slot; holds only a weak reference to the scheduler between jobs."""
+    """One thread per slot; holds only a weak reference to the scheduler between jobs.
+
+    Task bodies cannot end it (their exceptions fail their tasks). What else escapes a group
+    (an unloader or the device raising during an eviction) is reported as a warning and the
+    thread goes on: a dead worker would leave its slot's future work queued for good.
+    """
     while True:
         kind, victims, need = inbox.get()
         if kind == _STOP:
@@ -1258,7 +1263,11 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -
         sched = ref()
         if sched is None:
             return
-        sched._run_group(name, victims, need)
+        try:
+            sched._run_group(name, victims, need)
+        except BaseException as exc:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"gpuctx: worker of {name!r} caught {type(exc).__name__}: {exc}; the group ended early "
+                          "and its queued tasks are planned again", RuntimeWarning, stacklevel=1)
         del sched
 
 

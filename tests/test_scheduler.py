@@ -659,3 +659,43 @@ def test_inputs_are_ordered_by_events_and_marked_in_use_on_the_consumer_stream()
     assert ("wait", "b", p._event) in consumer and p._event.startswith("a#")
     assert ("in_use", "b", ["tensor", 1]) in consumer
     assert ("in_use", "b", ((p, "raw"), {})) in consumer
+
+
+def test_system_exit_in_a_task_fails_only_that_task_and_the_worker_goes_on(fresh):
+    @gpuctx.gpu_task(model="m")
+    def bail():
+        raise SystemExit(3)
+
+    @gpuctx.gpu_task(model="m")
+    def ok(x):
+        return x + 1
+
+    t = bail()
+    assert isinstance(t.exception(TIMEOUT), SystemExit) and t.state is TaskState.FAILED
+    assert ok(1).result(TIMEOUT) == 2
+
+
+def test_a_worker_survives_an_unloader_that_raises_system_exit(fresh):
+    raised = []
+
+    def bad_unload(obj):
+        if not raised:                                   # once: shutdown's unload at teardown is plain
+            raised.append(obj)
+            raise SystemExit("unloader gave up")
+
+    gpuctx.model("a", vram="6GB", unload=bad_unload)(lambda: "A")
+    gpuctx.model("b", vram="6GB")(lambda: "B")
+
+    @gpuctx.gpu_task(model="a")
+    def use_a():
+        return gpuctx.current_model()
+
+    @gpuctx.gpu_task(model="b")
+    def use_b():
+        return gpuctx.current_model()
+
+    assert use_a().result(TIMEOUT) == "A"
+    with pytest.warns(RuntimeWarning, match="worker of 'b' caught SystemExit: unloader gave up"):
+        assert use_b().result(TIMEOUT) == "B"           # 'a' had to go: its unloader raised on b's worker
+    assert gpuctx.scheduler().slot("a").state == "absent"
+    assert use_a().result(TIMEOUT) == "A"               # and everything still works
