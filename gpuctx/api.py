@@ -329,7 +329,7 @@ def _bind(sig: inspect.Signature, name: str, args: tuple, kwargs: dict) -> None:
 
 
 def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool = True) -> Task:
-    cycle = _find_cycle(wrapper, spec.after)
+    cycle = _find_cycle(wrapper, spec.after) if spec.after else None
     if cycle:
         raise CycleError(f"{spec.name}: after= forms a cycle between gpu_task functions: {' -> '.join(cycle)}")
     return scheduler().submit(spec, args, kwargs, block=block)
