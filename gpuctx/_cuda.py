@@ -379,6 +379,17 @@ class CudaDevice:
             s = self._cupy_streams[context] = _cupy_view(cp, stream.cuda_stream, self.index)
         return s
 
+    def join_caller(self, event: Any) -> None:
+        """Make the calling thread's current stream of this card wait for ``event`` (torch's or CuPy's)."""
+        if event is None:
+            return
+        if self._torch is not None and isinstance(event, self._torch.cuda.Event):
+            self._current_stream().wait_event(event)
+            return
+        cp = self._cupy()
+        with cp.cuda.Device(self.index):
+            cp.cuda.get_current_stream().wait_event(event)
+
     def _current_stream(self) -> Any:
         """torch's current stream of this card in the calling thread (a cached Stream object per stream:
         building one costs more than the whole event record)."""

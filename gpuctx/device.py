@@ -66,6 +66,13 @@ class Device(Protocol):
     def record_stream(self, context: str, value: Any) -> None:
         """Mark the device tensors in ``value`` as in use on ``context``'s stream (allocator safety)."""
 
+    def join_caller(self, event: Any) -> None:
+        """Make the calling thread's current stream wait for ``event`` (no host sync); None is a no-op.
+
+        Used when a session (``context_session``, a foreground ``%%gpuctx`` cell) ends: what the
+        body queued on the context's stream comes before what the caller queues next.
+        """
+
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
         """Run ``loader`` on ``context``'s stream; return the object and the bytes it measurably took."""
 
@@ -121,6 +128,9 @@ class CpuDevice:
         return None
 
     def record_stream(self, context: str, value: Any) -> None:
+        return None
+
+    def join_caller(self, event: Any) -> None:
         return None
 
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:

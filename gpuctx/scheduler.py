@@ -1200,6 +1200,7 @@ class Session:
         self._release.wait()
 
     def _enter(self, frame: _Frame) -> Any:
+        self._slot = frame.slot
         self._scope = self._sched._device.stream_scope(frame.slot)
         self._scope.__enter__()
         self._token = _current.set(_Frame(frame.slot, frame.obj, frame.device, self.task))
@@ -1227,7 +1228,10 @@ class Session:
                     # cell that ran as an asyncio task): that context, and our frame in it, is gone.
                     pass
             if self._scope is not None:
+                device = self._sched._device
+                event = device.record_event(self._slot)   # the end of what the body queued ...
                 self._scope.__exit__(None, None, None)
+                device.join_caller(event)                 # ... comes before what the caller queues next
         finally:
             self._release.set()
 

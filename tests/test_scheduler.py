@@ -634,6 +634,9 @@ class _RecordingDevice(gpuctx.device.CpuDevice):
     def record_stream(self, context: str, value) -> None:
         self.log.append(("in_use", context, value))
 
+    def join_caller(self, event) -> None:
+        self.log.append(("join", event))
+
 
 def test_inputs_are_ordered_by_events_and_marked_in_use_on_the_consumer_stream():
     from gpuctx.scheduler import Scheduler, TaskSpec
@@ -699,3 +702,17 @@ def test_a_worker_survives_an_unloader_that_raises_system_exit(fresh):
         assert use_b().result(TIMEOUT) == "B"           # 'a' had to go: its unloader raised on b's worker
     assert gpuctx.scheduler().slot("a").state == "absent"
     assert use_a().result(TIMEOUT) == "A"               # and everything still works
+
+
+def test_a_session_end_orders_the_callers_next_work_after_the_body():
+    from gpuctx.scheduler import Scheduler
+
+    dev = _RecordingDevice()
+    sched = Scheduler(device=dev)
+    try:
+        with sched.session("m"):
+            assert dev.log[0][:2] == ("wait", "m") and dev.log[0][2].startswith("caller")   # the hold waited for its caller
+            assert not any(e[0] == "join" for e in dev.log)
+        assert dev.log[-1][0] == "join" and dev.log[-1][1].startswith("m#")   # the event recorded on m's stream
+    finally:
+        sched.shutdown()

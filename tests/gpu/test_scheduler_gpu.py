@@ -223,3 +223,15 @@ def test_cuda_graph_tasks_replay_and_match_eager(cuda):
             assert torch.allclose(out, net(x), atol=1e-5)
     runners = list(gpuctx.scheduler()._graph_runners.values())
     assert len(runners) == 1 and len(runners[0].cache) == 1
+
+
+def test_work_after_a_session_waits_for_what_the_session_queued(cuda):
+    gpuctx.model("sess", vram="2GB")(lambda: "resident")
+    seed = torch.randn(64 * 2**20, device="cuda")
+    for _ in range(3):
+        with gpuctx.context_session("sess"):
+            assert torch.cuda.current_stream().cuda_stream == gpuctx.get_stream("sess").cuda_stream
+            y = _long_chain(seed)                       # queued on the session's stream, not finished
+        seen = y.clone()                                # on the default stream, right after the block
+        torch.cuda.synchronize()
+        assert torch.equal(seen, y)
