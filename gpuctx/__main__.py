@@ -38,7 +38,7 @@ def _loader(name: str, use_torch: bool):
         if use_torch:
             import torch
 
-            layer = torch.nn.Linear(256, 256).to(gpuctx.current_device())
+            layer = torch.nn.Linear(256, 256).to(gpuctx.current_device()).requires_grad_(False)
             return lambda x: f"{name}({x}, {float(layer(torch.randn(1, 256, device=layer.weight.device)).sum()):+.2f})"
         return _StandIn(name)
 

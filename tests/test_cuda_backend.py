@@ -267,6 +267,7 @@ def test_stream_scope_makes_one_stream_current_for_torch_and_cupy(monkeypatch):
     a, b = dev.get_stream("a"), dev.get_stream("b")
     assert a is dev.get_stream("a") and a.cuda_stream != b.cuda_stream
 
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)   # where CuPy is installed, an earlier test imported it
     with dev.stream_scope("a") as s:   # no CuPy imported: torch only, CuPy never imported for this
         assert s is a
     assert [e[1] for e in log] == ["torch.device", "torch.stream", "torch.stream", "torch.device"]
@@ -282,7 +283,8 @@ def test_stream_scope_makes_one_stream_current_for_torch_and_cupy(monkeypatch):
     assert next(e for e in log if e[0] == "exit")[1] == "cupy.allocator"   # left in reverse order
 
 
-def test_set_context_limit_without_cupy_is_a_config_error():
+def test_set_context_limit_without_cupy_is_a_config_error(monkeypatch):
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)   # "not imported", also where it is installed
     dev = _fake_device([], [0])
     with pytest.raises(gpuctx.ConfigError, match="CuPy is not imported"):
         dev.set_context_limit("a", 10**6)
