@@ -716,3 +716,62 @@ def test_a_session_end_orders_the_callers_next_work_after_the_body():
         assert dev.log[-1][0] == "join" and dev.log[-1][1].startswith("m#")   # the event recorded on m's stream
     finally:
         sched.shutdown()
+
+
+class _MeasuringDevice(gpuctx.device.CpuDevice):
+    """A CPU device that reports a measured size for each load, as the CUDA device does."""
+
+    def __init__(self, sizes: dict) -> None:
+        super().__init__(budget=10 * gpuctx.GB)
+        self.sizes = sizes
+
+    def load(self, context, loader):
+        return loader(), self.sizes[context]
+
+
+def _measuring_scheduler(sizes: dict):
+    from gpuctx.scheduler import Config, Scheduler
+
+    return Scheduler(Config(safety_factor=1.0), device=_MeasuringDevice(sizes))
+
+
+def _use(sched, model):
+    from gpuctx.scheduler import TaskSpec
+
+    return sched.submit(TaskSpec(fn=lambda: model, name=f"use_{model}", model=model), (), {})
+
+
+def test_a_measured_size_10_percent_above_the_declared_one_warns_and_is_used():
+    GB = gpuctx.GB
+    sched = _measuring_scheduler({"big": int(1.5 * GB), "close": int(1.05 * GB), "auto": 2 * GB})
+    try:
+        sched.register_model("big", lambda: "B", vram="1GB")
+        sched.register_model("close", lambda: "C", vram="1GB")
+        sched.register_model("auto", lambda: "A", vram="auto")
+        with pytest.warns(RuntimeWarning, match=r"'big': measured 1.5 GB at load, more than 10% above the declared vram=1 GB"):
+            assert _use(sched, "big").result(TIMEOUT) == "big"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _use(sched, "close").result(TIMEOUT) == "close"
+            assert _use(sched, "auto").result(TIMEOUT) == "auto"
+        sizes = {s.name: (s.size, s.size_source) for s in sched.slots()}
+        assert sizes["big"] == (int(1.5 * GB), "measured")
+        assert sizes["close"] == (int(1.05 * GB), "measured")   # larger than declared: counted, within 10%: quiet
+        assert sizes["auto"] == (2 * GB, "measured")
+        assert sched.committed() == int(4.55 * GB)
+    finally:
+        sched.shutdown()
+
+
+def test_a_measured_size_over_the_budget_evicts_idle_models_to_stay_within_it():
+    GB = gpuctx.GB
+    sched = _measuring_scheduler({"a": 6 * GB, "b": 6 * GB})
+    try:
+        sched.register_model("a", lambda: "A", vram="6GB")
+        sched.register_model("b", lambda: "B", vram="3GB")      # declared 3 GB, takes 6: a must go
+        assert _use(sched, "a").result(TIMEOUT) == "a"
+        with pytest.warns(RuntimeWarning, match="'b': measured 6 GB"):
+            assert _use(sched, "b").result(TIMEOUT) == "b"
+        assert sched.slot("a").state == "absent" and sched.committed() == 6 * GB <= sched.budget
+    finally:
+        sched.shutdown()
