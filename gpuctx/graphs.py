@@ -16,7 +16,7 @@ How a call runs (``GraphRunner.__call__``):
    stream, as torch requires; then it is captured into a ``torch.cuda.CUDAGraph`` under a
    process-wide lock (one capture at a time, and no ``empty_cache`` during one).
 4. Later calls copy the arguments into the static buffers and replay on the context's
-   stream. Outputs are the graph's static buffers, overwritten by the next replay; with
+   stream (:meth:`GraphRunner.replayable` tells, without running anything, whether a call would). Outputs are the graph's static buffers, overwritten by the next replay; with
    ``clone_outputs=True`` (the default) the caller gets clones, which costs one copy per
    output and makes results safe to keep.
 5. A body that cannot be captured (a host sync such as ``.item()``, outputs that are not
@@ -48,7 +48,7 @@ from typing import Any, Callable
 from ._cuda import _CAPTURE_LOCK, _cupy_view
 from .errors import ConfigError
 
-__all__ = ["GraphRunner", "make_graph_runner"]
+__all__ = ["GraphRunner", "make_graph_runner", "WORKER_MODES", "worker_modes"]
 
 
 class _Unkeyable(TypeError):
@@ -148,6 +148,21 @@ def _current_stream_id(torch: Any, stream: Any) -> int:
 
 def _clone(t: Any) -> Any:
     return t.clone()
+
+
+WORKER_MODES = (True, False, (False,))
+""":func:`_mode_key` in a fresh thread (a scheduler worker): grad on, no inference mode, no autocast."""
+
+
+def worker_modes(torch: Any) -> Any:
+    """A context that puts this thread in :data:`WORKER_MODES` (a no-op when it is in them already)."""
+    if _mode_key(torch) == WORKER_MODES:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def _mode_key(torch: Any) -> tuple:
@@ -268,6 +283,27 @@ class GraphRunner:
                 if t.is_cuda:
                     t.record_stream(caller)   # its memory is not reused before the caller is done
             return out
+
+    def replayable(self, args: tuple, kwargs: dict, modes: tuple | None = None) -> bool:
+        """True when a call with these arguments would only replay a captured graph (no body code runs).
+
+        ``modes``: the grad/inference/autocast modes the call will run under (default: this
+        thread's). The scheduler launches such a call in the submitting thread, under the modes
+        of a worker thread (:data:`WORKER_MODES`): a replay is one asynchronous launch, not worth
+        a hand-off to a worker.
+        """
+        torch = sys.modules.get("torch")
+        if torch is None or self._cpu:
+            return False
+        try:
+            sig, tensors = _signature(args, kwargs, torch.Tensor)
+        except _Unkeyable:
+            return False
+        if not tensors or not any(t.is_cuda for t in tensors):
+            return False
+        with self._lock:
+            self._check_generation()
+            return (sig, _mode_key(torch) if modes is None else modes) in self.cache
 
     def _check_generation(self) -> None:
         generation = getattr(self.device, "generation", None)

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -425,6 +426,7 @@ class Scheduler:
         # Work the caller queued on its own stream before this call (the tensors it passes, made
         # on the default stream a moment ago) must be done before the task's stream reads them.
         task._caller_event = self._device.record_caller()
+        launch = spec.cuda_graph and not deps and self._replayable(spec, args, kwargs)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down; call gpuctx.configure() or use a new one")
@@ -465,14 +467,83 @@ class Scheduler:
                         d._dependents.remove(task)
                 self._fail_locked(task, _dep_error(task, failed_dep), to_resolve)
             elif task._ndeps == 0:
-                self._make_ready_locked(task)
-                if not slot.busy or on_cpu:   # a busy slot's worker takes it from the queue itself
-                    self._dispatch_locked()
-                if spec.batch_size > 1:
-                    self._cond.notify_all()   # a batch that waits to fill
+                launch = launch and not on_cpu and self._may_launch_here_locked(slot)
+                if launch:
+                    obj = self._begin_here_locked(slot, task)
+                else:
+                    self._make_ready_locked(task)
+                    if not slot.busy or on_cpu:   # a busy slot's worker takes it from the queue itself
+                        self._dispatch_locked()
+                    if spec.batch_size > 1:
+                        self._cond.notify_all()   # a batch that waits to fill
+            else:
+                launch = False
         if to_resolve:
             _resolve(to_resolve)
+        if launch:
+            self._launch_here(slot, obj, task)
         return task
+
+    # ----------------------------------------------------------------------- graph replays at submit
+    # A cuda_graph=True call whose graph is captured already is one asynchronous launch on its
+    # context's stream: no body code runs, nothing blocks. Handing it to the model's worker
+    # thread would cost more than the launch (two thread hand-offs, and the GIL shared with
+    # every other worker), so when its model is resident and idle, nothing is queued for it
+    # and no other group waits, the submitting thread launches it. The Task is done when the
+    # call returns; result() still waits for the stream to reach the task's event.
+
+    def _replayable(self, spec: TaskSpec, args: tuple, kwargs: dict) -> bool:
+        if self._device.name == "cpu" or spec.batch_size > 1 or _current.get() is not None:
+            return False
+        runner = self._graph_runners.get((spec.fn, spec.model))
+        if runner is None:
+            return False
+        from .graphs import WORKER_MODES
+
+        # Keyed as on a worker (a caller under torch.no_grad() would never match its graphs):
+        # _launch_here runs the call under the worker's modes too.
+        return runner.replayable(args, kwargs, WORKER_MODES)
+
+    def _may_launch_here_locked(self, slot: Slot) -> bool:
+        return (slot.state == policy.RESIDENT and not slot.busy and not slot.queued and not self._closed
+                and not self._others_waiting_locked(slot))
+
+    def _begin_here_locked(self, slot: Slot, task: Task) -> Any:
+        slot.pending -= 1
+        slot.busy = True
+        task.state = TaskState.RUNNING
+        task.started_at = self._clock()
+        Future.set_running_or_notify_cancel(task)
+        self.trace.record("group_start", model=slot.name, context=slot.name, t=task.started_at)
+        self.trace.record("start", task=task.id, name=task.name, model=task.model, context=slot.name,
+                          stream=slot.name, t=task.started_at)
+        return slot.obj
+
+    def _launch_here(self, slot: Slot, obj: Any, task: Task) -> None:
+        from .graphs import worker_modes
+
+        torch = sys.modules.get("torch")
+        try:
+            with worker_modes(torch) if torch is not None else _NO_SCOPE:
+                outcome = self._execute(slot, obj, [task])[0]
+        except BaseException as exc:  # noqa: BLE001 - a signal (Ctrl-C) outside the body: settle, then re-raise
+            outcome = ("err", exc)
+        to_resolve: list = []
+        with self._cond:
+            kind, value = outcome
+            if kind == "ok":
+                self._finish_locked(task, value, to_resolve)
+            else:
+                self._fail_locked(task, value, to_resolve)
+            slot.busy = False
+            slot.last_used = self._clock()
+            self._dispatch_locked()   # work that arrived for this slot meanwhile went to its queue
+            if self._cond._waiters:
+                self._cond.notify_all()
+        _resolve(to_resolve)
+        self._hk_wake.set()
+        if kind == "err" and isinstance(value, KeyboardInterrupt):
+            raise value   # Ctrl-C while launching: the task failed with it; the caller sees it too
 
     def _after_deps(self, spec: TaskSpec, item: Any) -> list[Task]:
         if isinstance(item, Task):

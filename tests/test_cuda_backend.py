@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import sys
 import warnings
 from types import SimpleNamespace
@@ -350,3 +351,20 @@ def test_release_waits_a_bounded_time_for_memory_that_never_shows_up():
     report = dev.release("m", [object.__new__(type("M", (), {}))], expected=10**9)
     assert report.freed == 0 and not report.still_referenced
     assert 0.04 <= report.seconds < 1.0
+
+
+def test_worker_modes_put_a_thread_in_a_fresh_threads_grad_and_inference_modes():
+    torch = pytest.importorskip("torch")
+    from gpuctx.graphs import WORKER_MODES, _mode_key, worker_modes
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(_mode_key(torch)))
+    t.start()
+    t.join()
+    assert seen == [WORKER_MODES]
+    with torch.inference_mode():
+        with worker_modes(torch):
+            assert _mode_key(torch) == WORKER_MODES and torch.randn(2).requires_grad_().sum().requires_grad
+        assert torch.is_inference_mode_enabled()
+    with torch.no_grad(), worker_modes(torch):
+        assert torch.is_grad_enabled()

@@ -775,3 +775,92 @@ def test_a_measured_size_over_the_budget_evicts_idle_models_to_stay_within_it():
         assert sched.slot("a").state == "absent" and sched.committed() == 6 * GB <= sched.budget
     finally:
         sched.shutdown()
+
+
+def _graph_scheduler():
+    """A scheduler on a non-CPU (recording) device where every cuda_graph call counts as replayable."""
+    from gpuctx.scheduler import Scheduler
+
+    sched = Scheduler(device=_RecordingDevice())
+    sched._replayable = lambda spec, args, kwargs: True
+    return sched
+
+
+def test_a_replayable_graph_call_is_launched_by_the_caller_when_its_model_is_idle():
+    from gpuctx.scheduler import TaskSpec
+
+    sched = _graph_scheduler()
+    try:
+        sched.register_model("m", lambda: "model", vram="1GB")
+        warm = TaskSpec(fn=lambda: threading.get_ident(), name="warm", model="m")
+        assert sched.submit(warm, (), {}).result(TIMEOUT) != threading.get_ident()   # loads on the worker
+        graph = TaskSpec(fn=lambda x: (threading.get_ident(), x), name="replay", model="m", cuda_graph=True)
+        t = sched.submit(graph, (7,), {})
+        assert t.done() and t.state is TaskState.DONE            # launched before submit returned ...
+        assert t.result(0) == (threading.get_ident(), 7)         # ... in this thread
+        assert not sched.slot("m").busy and sched.slot("m").loads == 1
+        kinds = [(e.kind, e.task) for e in sched.trace.events if e.task == t.id]
+        assert kinds == [("submit", t.id), ("start", t.id), ("end", t.id)]
+    finally:
+        sched.shutdown()
+
+
+def test_graph_calls_queue_as_usual_when_the_model_is_busy_or_not_loaded(gate):
+    from gpuctx.scheduler import TaskSpec
+
+    sched = _graph_scheduler()
+    release, running = gate(), threading.Event()
+    try:
+        sched.register_model("m", lambda: "model", vram="1GB")
+        graph = TaskSpec(fn=lambda: threading.get_ident(), name="replay", model="m", cuda_graph=True)
+        first = sched.submit(graph, (), {})                       # not resident yet: its worker loads it
+        assert first.result(TIMEOUT) != threading.get_ident()
+        hold = TaskSpec(fn=lambda: (running.set(), release.wait(TIMEOUT)), name="hold", model="m")
+        h = sched.submit(hold, (), {})
+        assert running.wait(TIMEOUT)
+        t = sched.submit(graph, (), {})                           # busy: it waits its turn in the queue
+        assert not t.done() and t.state is TaskState.QUEUED
+        release.set()
+        assert t.result(TIMEOUT) != threading.get_ident() and h.result(TIMEOUT)
+    finally:
+        release.set()
+        sched.shutdown()
+
+
+def test_ctrl_c_while_launching_fails_the_task_reaches_the_caller_and_frees_the_model():
+    from gpuctx.scheduler import TaskSpec
+
+    def interrupted(x):
+        if x == "stop":
+            raise KeyboardInterrupt
+        return x
+
+    sched = _graph_scheduler()
+    try:
+        sched.register_model("m", lambda: "model", vram="1GB")
+        graph = TaskSpec(fn=interrupted, name="replay", model="m", cuda_graph=True)
+        assert sched.submit(graph, ("warm",), {}).result(TIMEOUT) == "warm"
+        with pytest.raises(KeyboardInterrupt):
+            sched.submit(graph, ("stop",), {})
+        assert sched.tasks() == [] and not sched.slot("m").busy   # the task failed; nothing is held
+        assert sched.submit(graph, ("again",), {}).result(TIMEOUT) == "again"
+        assert sched.trace.stats.failed == 1
+    finally:
+        sched.shutdown()
+
+
+def test_a_call_launched_by_the_caller_runs_under_a_workers_torch_modes():
+    torch = pytest.importorskip("torch")
+    from gpuctx.scheduler import TaskSpec
+
+    sched = _graph_scheduler()
+    try:
+        sched.register_model("m", lambda: "model", vram="1GB")
+        spec = TaskSpec(fn=lambda: torch.is_grad_enabled(), name="modes", model="m", cuda_graph=True)
+        assert sched.submit(spec, (), {}).result(TIMEOUT) is True          # on the worker
+        with torch.no_grad():
+            t = sched.submit(spec, (), {})
+            assert t.done() and t.result(0) is True                        # here, but as on a worker
+            assert not torch.is_grad_enabled()                             # and the caller's mode is back
+    finally:
+        sched.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -235,3 +237,30 @@ def test_work_after_a_session_waits_for_what_the_session_queued(cuda):
         seen = y.clone()                                # on the default stream, right after the block
         torch.cuda.synchronize()
         assert torch.equal(seen, y)
+
+
+def test_captured_graph_calls_are_launched_at_submit_and_ordered_like_any_task(cuda):
+    @gpuctx.model("mlp2", vram="auto")
+    def load():
+        layers = []
+        for _ in range(4):
+            layers += [torch.nn.Linear(512, 512), torch.nn.Tanh()]
+        return torch.nn.Sequential(*layers).cuda().eval()
+
+    @gpuctx.gpu_task(model="mlp2", cuda_graph=True)
+    def infer(x):
+        with torch.no_grad():
+            return gpuctx.current_model()(x)
+
+    x0 = torch.randn(64, 512, device="cuda")
+    infer(x0).result(TIMEOUT)                             # first call: loaded and captured on the worker
+    net = gpuctx.scheduler().slot("mlp2").obj
+    for i in range(6):
+        x = _long_chain(torch.randn(64, 512, device="cuda"), 200)   # still running on the default stream
+        with torch.no_grad() if i % 2 else contextlib.nullcontext():  # the caller's grad mode does not matter
+            t = infer(x)
+        assert t.done(), "a replay of a captured graph is launched before the call returns"
+        out = t.result(TIMEOUT)
+        with torch.no_grad():
+            assert torch.allclose(out, net(x), atol=1e-5)
+    assert not gpuctx.scheduler().slot("mlp2").busy
