@@ -200,19 +200,25 @@ def test_out_of_memory_that_cannot_be_recovered_fails_only_that_task(cuda):
     assert torch.allclose(small(x).result(TIMEOUT), (x * 2).sum())
 
 
-def test_cuda_graph_tasks_replay_and_match_eager(cuda):
-    @gpuctx.model("mlp", vram="auto")
+def _graph_task(model: str, width: int):
+    """A 4-layer MLP registered as ``model`` (size measured) and a cuda_graph=True task running it."""
     def load():
         layers = []
         for _ in range(4):
-            layers += [torch.nn.Linear(256, 256), torch.nn.ReLU()]
+            layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
         return torch.nn.Sequential(*layers).cuda().eval()
 
-    @gpuctx.gpu_task(model="mlp", cuda_graph=True)
+    gpuctx.model(model, vram="auto")(load)
+
     def infer(x):
         with torch.no_grad():
             return gpuctx.current_model()(x)
 
+    return gpuctx.gpu_task(model=model, cuda_graph=True, name="infer")(infer)
+
+
+def test_cuda_graph_tasks_replay_and_match_eager(cuda):
+    infer = _graph_task("mlp", 256)
     xs = [torch.randn(32, 256, device="cuda") for _ in range(5)]
     import warnings
 
@@ -240,18 +246,7 @@ def test_work_after_a_session_waits_for_what_the_session_queued(cuda):
 
 
 def test_captured_graph_calls_are_launched_at_submit_and_ordered_like_any_task(cuda):
-    @gpuctx.model("mlp2", vram="auto")
-    def load():
-        layers = []
-        for _ in range(4):
-            layers += [torch.nn.Linear(512, 512), torch.nn.Tanh()]
-        return torch.nn.Sequential(*layers).cuda().eval()
-
-    @gpuctx.gpu_task(model="mlp2", cuda_graph=True)
-    def infer(x):
-        with torch.no_grad():
-            return gpuctx.current_model()(x)
-
+    infer = _graph_task("mlp2", 512)
     x0 = torch.randn(64, 512, device="cuda")
     infer(x0).result(TIMEOUT)                             # first call: loaded and captured on the worker
     net = gpuctx.scheduler().slot("mlp2").obj
