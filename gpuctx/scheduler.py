@@ -15,6 +15,11 @@ them; finishing one task and picking the next happen in one critical section, so
 resident model's queue drains with one lock round trip per task. Futures are resolved
 after the lock is released, so user callbacks never run inside it.
 
+One exception to "workers run tasks": a ``cuda_graph=True`` call whose graph is captured
+already runs no body code (it is one asynchronous replay on the context's stream), so when
+its model is resident and idle the submitting thread launches it itself
+(:meth:`Scheduler._launch_here`); a hand-off to the worker would cost more than the launch.
+
 A housekeeping thread unloads models idle past their ``keep_alive``.
 """
 
