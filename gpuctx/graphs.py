@@ -45,7 +45,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-from ._cuda import _CAPTURE_LOCK, _cupy_view
+from ._cuda import _CAPTURE_LOCK, _cupy_view, _torch_stream_calls
 from .errors import ConfigError
 
 __all__ = ["GraphRunner", "make_graph_runner", "WORKER_MODES", "worker_modes"]
@@ -140,9 +140,9 @@ def _map(f: Callable[[Any], Any], x: Any) -> Any:
 
 def _current_stream_id(torch: Any, stream: Any) -> int:
     """The id of the current stream on ``stream``'s device, without building a Stream object where torch allows."""
-    get = getattr(torch._C, "_cuda_getCurrentStream", None)
-    if get is not None:
-        return get(stream.device_index)[0]
+    calls = _torch_stream_calls(torch)
+    if calls is not None:
+        return calls[0](stream.device_index)[0]
     return torch.cuda.current_stream(stream.device).stream_id
 
 

@@ -535,11 +535,7 @@ class Scheduler:
             outcome = ("err", exc)
         to_resolve: list = []
         with self._cond:
-            kind, value = outcome
-            if kind == "ok":
-                self._finish_locked(task, value, to_resolve)
-            else:
-                self._fail_locked(task, value, to_resolve)
+            self._settle_locked(task, outcome, to_resolve)
             slot.busy = False
             slot.last_used = self._clock()
             self._dispatch_locked()   # work that arrived for this slot meanwhile went to its queue
@@ -547,8 +543,8 @@ class Scheduler:
                 self._cond.notify_all()
         _resolve(to_resolve)
         self._hk_wake.set()
-        if kind == "err" and isinstance(value, KeyboardInterrupt):
-            raise value   # Ctrl-C while launching: the task failed with it; the caller sees it too
+        if outcome[0] == "err" and isinstance(outcome[1], KeyboardInterrupt):
+            raise outcome[1]   # Ctrl-C while launching: the task failed with it; the caller sees it too
 
     def _after_deps(self, spec: TaskSpec, item: Any) -> list[Task]:
         if isinstance(item, Task):
@@ -676,6 +672,15 @@ class Scheduler:
                     woke = True
         task._dependents = []
         return woke
+
+    def _settle_locked(self, task: Task, outcome: tuple, to_resolve: list) -> bool:
+        """Finish or fail ``task`` from an ``("ok", value)`` / ``("err", exc)`` outcome of
+        :meth:`_execute`; True when other slots may have work to start now (a dispatch is due)."""
+        kind, value = outcome
+        if kind == "ok":
+            return self._finish_locked(task, value, to_resolve)
+        self._fail_locked(task, value, to_resolve)
+        return True
 
     def _fail_locked(self, task: Task, exc: BaseException, to_resolve: list, cancelled: bool = False) -> None:
         """Fail (or cancel) ``task`` and, transitively, everything that depends on it."""
@@ -881,12 +886,7 @@ class Scheduler:
             with self._cond:
                 woke = False
                 for t, outcome in zip(prev, prev_out):
-                    kind, value = outcome
-                    if kind == "ok":
-                        woke = self._finish_locked(t, value, to_resolve) or woke
-                    else:
-                        self._fail_locked(t, value, to_resolve)
-                        woke = True
+                    woke = self._settle_locked(t, outcome, to_resolve) or woke
                 if prev:
                     slot.last_used = self._clock()
                     if woke:   # dependents became ready (or failed): other slots may start now
