@@ -16,7 +16,8 @@ How a call runs (``GraphRunner.__call__``):
    stream, as torch requires; then it is captured into a ``torch.cuda.CUDAGraph`` under a
    process-wide lock (one capture at a time, and no ``empty_cache`` during one).
 4. Later calls copy the arguments into the static buffers and replay on the context's
-   stream (:meth:`GraphRunner.replayable` tells, without running anything, whether a call would). Outputs are the graph's static buffers, overwritten by the next replay; with
+   stream (:meth:`GraphRunner.replayable` tells, without running anything, whether a call
+   would). Outputs are the graph's static buffers, overwritten by the next replay; with
    ``clone_outputs=True`` (the default) the caller gets clones, which costs one copy per
    output and makes results safe to keep.
 5. A body that cannot be captured (a host sync such as ``.item()``, outputs that are not
@@ -253,10 +254,8 @@ class GraphRunner:
         # The hot path of every replay: one walk over the arguments, no stream switch when the
         # caller already runs on the context's stream (the scheduler's case).
         torch = sys.modules.get("torch")
-        if torch is None or self._cpu:
-            return self.fn(*args, **kwargs)
         try:
-            sig, tensors = _signature(args, kwargs, torch.Tensor)
+            found = self._cuda_signature(torch, args, kwargs)
         except _Unkeyable as exc:
             if not any(getattr(t, "is_cuda", False) for t in _tensors_in((args, kwargs))):
                 return self.fn(*args, **kwargs)
@@ -265,8 +264,9 @@ class GraphRunner:
                 warnings.warn(f"gpuctx: cannot run {self._name} as a CUDA graph ({exc}); it runs eagerly",
                               RuntimeWarning, stacklevel=2)
             return self.fn(*args, **kwargs)
-        if not any(t.is_cuda for t in tensors):
+        if found is None:
             return self.fn(*args, **kwargs)
+        sig, tensors = found
         key = (sig, _mode_key(torch))
         with self._lock:
             self._check_generation()
@@ -293,17 +293,24 @@ class GraphRunner:
         a hand-off to a worker.
         """
         torch = sys.modules.get("torch")
-        if torch is None or self._cpu:
-            return False
         try:
-            sig, tensors = _signature(args, kwargs, torch.Tensor)
+            found = self._cuda_signature(torch, args, kwargs)
         except _Unkeyable:
             return False
-        if not tensors or not any(t.is_cuda for t in tensors):
+        if found is None:
             return False
+        sig, _ = found
         with self._lock:
             self._check_generation()
             return (sig, _mode_key(torch) if modes is None else modes) in self.cache
+
+    def _cuda_signature(self, torch: Any, args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
+        """(key without modes, tensors) of a call that a graph could run; None when it runs eagerly
+        anyway (a CPU device, torch never imported, no CUDA tensor). Raises ``_Unkeyable``."""
+        if torch is None or self._cpu:
+            return None
+        sig, tensors = _signature(args, kwargs, torch.Tensor)
+        return (sig, tensors) if any(t.is_cuda for t in tensors) else None
 
     def _check_generation(self) -> None:
         generation = getattr(self.device, "generation", None)

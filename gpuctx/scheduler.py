@@ -438,7 +438,7 @@ class Scheduler:
             for d in deps:
                 if d._scheduler is not self:
                     raise ConfigError(f"{spec.name}(): a dependency Task #{d.id} belongs to another (shut down?) scheduler")
-            slot = self._slots.get(spec.model) or self._slot_locked(spec.model)
+            slot = self._slot_locked(spec.model)
             on_cpu = spec.device == "cpu"
             if not on_cpu and not (slot.state == policy.RESIDENT and (spec.vram is None or spec.vram == slot.size)
                                    and not self._handlers):
@@ -516,13 +516,17 @@ class Scheduler:
     def _begin_here_locked(self, slot: Slot, task: Task) -> Any:
         slot.pending -= 1
         slot.busy = True
+        self.trace.record("group_start", model=slot.name, context=slot.name)
+        self._start_locked(slot, task)
+        return slot.obj
+
+    def _start_locked(self, slot: Slot, task: Task) -> None:
+        """``task`` runs from now on, on ``slot``'s stream."""
         task.state = TaskState.RUNNING
         task.started_at = self._clock()
         Future.set_running_or_notify_cancel(task)
-        self.trace.record("group_start", model=slot.name, context=slot.name, t=task.started_at)
         self.trace.record("start", task=task.id, name=task.name, model=task.model, context=slot.name,
                           stream=slot.name, t=task.started_at)
-        return slot.obj
 
     def _launch_here(self, slot: Slot, obj: Any, task: Task) -> None:
         from .graphs import worker_modes
@@ -895,11 +899,7 @@ class Scheduler:
                 if self._cond._waiters:   # queue room for blocked submitters, progress for shutdown()
                     self._cond.notify_all()
                 for t in batch:
-                    t.state = TaskState.RUNNING
-                    t.started_at = self._clock()
-                    Future.set_running_or_notify_cancel(t)
-                    self.trace.record("start", task=t.id, name=t.name, model=t.model, context=slot.name,
-                                      stream=slot.name, t=t.started_at)
+                    self._start_locked(slot, t)
                 obj = slot.obj
             _resolve(to_resolve)
             if not batch:
