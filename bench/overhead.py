@@ -3,7 +3,9 @@
 One command, one run: gpuctx through its full scheduler (CPU device), a
 ``concurrent.futures.ThreadPoolExecutor`` as the baseline, and Ray tasks and Dask
 distributed (in-process cluster) when the ``bench`` extra is installed. Each row is
-the median of ``--repeat`` runs; ratios are against the thread pool of the same run.
+the median of ``--repeat`` samples; gpuctx and the thread pools take turns sample by
+sample, each sample after a ``gc.collect()``; ratios are against the thread pool of
+the same run.
 
     python bench/overhead.py [--tasks 20000] [--chain 2000] [--repeat 5]
 """
@@ -11,6 +13,7 @@ the median of ``--repeat`` runs; ratios are against the thread pool of the same 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -28,13 +31,27 @@ def noop(x=None):
     return x
 
 
+def once_us(fn, n: int) -> float:
+    gc.collect()   # every sample starts from the same collector state
+    t0 = time.perf_counter()
+    fn(n)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def median_us(fn, n: int, repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(n)
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(samples)
+    return statistics.median(once_us(fn, n) for _ in range(repeat))
+
+
+def interleaved(runners: dict, n: int, repeat: int) -> dict:
+    """Median µs per item of each runner, the runners taking turns (in a rotating order) for each
+    sample, so that a slow spell of the machine falls on all of them alike."""
+    samples: dict = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(repeat):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(once_us(runners[name], n))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------- thread pool
@@ -132,14 +149,12 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=1) as pool1, ThreadPoolExecutor(max_workers=2) as pool2:
         pool_throughput(pool1)(500)
-        rows = {
-            "ThreadPoolExecutor(1 worker)": (median_us(pool_throughput(pool1), a.tasks, a.repeat),
-                                             median_us(pool_chain(pool1), a.chain, a.repeat)),
-            "ThreadPoolExecutor(2 workers)": (median_us(pool_throughput(pool2), a.tasks, a.repeat),
-                                              median_us(pool_chain(pool2), a.chain, a.repeat)),
-            "gpuctx (CPU device, 1 model)": (median_us(gpuctx_throughput(fn), a.tasks, a.repeat),
-                                             median_us(gpuctx_chain(fn), a.chain, a.repeat)),
-        }
+        names = ("ThreadPoolExecutor(1 worker)", "ThreadPoolExecutor(2 workers)", "gpuctx (CPU device, 1 model)")
+        thr = interleaved(dict(zip(names, (pool_throughput(pool1), pool_throughput(pool2), gpuctx_throughput(fn)))),
+                          a.tasks, a.repeat)
+        chain = interleaved(dict(zip(names, (pool_chain(pool1), pool_chain(pool2), gpuctx_chain(fn)))),
+                            a.chain, a.repeat)
+        rows = {name: (thr[name], chain[name]) for name in names}
     if a.peers:
         for name, f in (("Ray tasks", ray_rows), ("Dask distributed (in-process)", dask_rows)):
             r = f(a.tasks, a.chain, a.repeat)

@@ -329,10 +329,14 @@ def _bind(sig: inspect.Signature, name: str, args: tuple, kwargs: dict) -> None:
 
 
 def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool = True) -> Task:
-    cycle = _find_cycle(wrapper, spec.after) if spec.after else None
-    if cycle:
-        raise CycleError(f"{spec.name}: after= forms a cycle between gpu_task functions: {' -> '.join(cycle)}")
-    return scheduler().submit(spec, args, kwargs, block=block)
+    if spec.after:
+        cycle = _find_cycle(wrapper, spec.after)
+        if cycle:
+            raise CycleError(f"{spec.name}: after= forms a cycle between gpu_task functions: {' -> '.join(cycle)}")
+    s = _sched
+    if s is None or s._closed:
+        s = scheduler()
+    return s.submit(spec, args, kwargs, block=block)
 
 
 def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when: str = ALL_COMPLETED,
@@ -447,7 +451,8 @@ def wait_event(ctx: Any, event: Any) -> None:
 
 # --------------------------------------------------------------------------- observing
 def stats() -> Any:
-    """Loads, unloads, offloads, evictions, switches, per-model task counts, wait/run percentiles."""
+    """Loads, unloads, offloads, evictions, switches, per-model task counts, wait/run percentiles
+    (of the tasks that have ended; a task's wait and run times are counted when it ends)."""
     return scheduler().trace.stats.as_dict()
 
 

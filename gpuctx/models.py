@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from . import policy
 from .errors import ConfigError
+from .task import TaskState
 from .units import format_size
 
 __all__ = ["QoS", "Slot", "OVERFLOW_POLICIES"]
@@ -99,8 +100,6 @@ class Slot:
         self.queued += 1
 
     def peek(self) -> Any:
-        from .task import TaskState
-
         while self._heap and self._heap[0][2].state is not TaskState.QUEUED:
             heapq.heappop(self._heap)
         return self._heap[0][2] if self._heap else None
@@ -108,14 +107,25 @@ class Slot:
     def pop(self) -> Any:
         task = self.peek()
         if task is not None:
-            heapq.heappop(self._heap)
-            self.queued -= 1
+            self.pop_head()
         return task
+
+    def pop_head(self) -> Any:
+        """Remove and return the task :meth:`peek` just returned (it must have returned one)."""
+        self.queued -= 1
+        task = heapq.heappop(self._heap)[2]
+        self.forget_stale()
+        return task
+
+    def forget_stale(self) -> None:
+        """With nothing queued, every entry left is stale (withdrawn, or still in the FIFO after
+        it started): drop them, so that finished tasks and their results are not kept alive."""
+        if not self.queued:
+            self._heap.clear()
+            self._fifo.clear()
 
     def take_matching(self, key: Any, limit: int) -> list:
         """Pop up to ``limit`` queued tasks whose ``_batch_key`` is ``key``, best first."""
-        from .task import TaskState
-
         taken, keep = [], []
         for entry in sorted(self._heap):
             task = entry[2]
@@ -128,12 +138,11 @@ class Slot:
         heapq.heapify(keep)
         self._heap = keep
         self.queued -= len(taken)
+        self.forget_stale()
         return taken
 
     def oldest_queued(self) -> Any:
         """The queued task that became ready first (for drop_oldest and staleness)."""
-        from .task import TaskState
-
         while self._fifo and self._fifo[0].state is not TaskState.QUEUED:
             self._fifo.popleft()
         return self._fifo[0] if self._fifo else None

@@ -45,14 +45,21 @@ class TaskState(str, Enum):
 class Task(Future):
     """A scheduled call. ``result()``, ``await task``, ``cancel()``; ``state``, ``wait_time``, ``run_time``."""
 
-    # Scheduler bookkeeping, at class level so that a task with the usual values (no
-    # dependencies, not batched, not on the CPU) costs no assignments at submit.
-    _deps: list = []                          # Tasks this one waits for (replaced, never mutated)
+    # Values every task starts with, at class level: a submit assigns only what differs
+    # (an instance attribute shadows these on first assignment; these values are immutable).
+    submitted_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    device: str | None = None                 # "cpu" when routed to the CPU pool
+    _deps: Any = ()                           # Tasks this one waits for
     _ndeps = 0                                # dependencies not finished yet
+    _dependents: Any = ()                     # Tasks waiting for this one (a list once one waits)
     _batch_key: Any = None
     _ready_at = 0.0
     _on_cpu = False
     _caller_event: Any = None                 # CUDA event on the submitter's stream
+    _event: Any = None                        # CUDA event recorded on the producing stream
+    _value: Any = None                        # the result, for dependents (no future round trip)
 
     def __init__(self, tid: int, name: str, model: str, priority: int, scheduler: "Scheduler | None" = None) -> None:
         super().__init__()
@@ -61,14 +68,7 @@ class Task(Future):
         self.model = model
         self.priority = priority
         self.state = TaskState.WAITING
-        self.submitted_at: float | None = None
-        self.started_at: float | None = None
-        self.ended_at: float | None = None
-        self.device: str | None = None       # "cpu" when routed to the CPU pool
         self._scheduler = scheduler
-        self._event: Any = None               # CUDA event recorded on the producing stream
-        self._value: Any = None               # the result, for dependents (no future round trip)
-        self._dependents: list = []           # Tasks waiting for this one
 
     # -- waiting ----------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
@@ -83,6 +83,10 @@ class Task(Future):
 
         yield from asyncio.wrap_future(self).__await__()
         return self.result()
+
+    def running(self) -> bool:
+        """True while the task's body (or graph replay) runs."""
+        return self.state is TaskState.RUNNING
 
     def cancel(self) -> bool:
         """Withdraw the task if it has not started; its dependents fail with DependencyError."""

@@ -39,6 +39,10 @@ class Event:
     duration: float | None = None
 
 
+def _fields(e: Event) -> tuple:
+    return (e.t, e.kind, e.task, e.name, e.model, e.context, e.stream, e.nbytes, e.reason, e.vram, e.duration)
+
+
 def _pct(values: Iterable[float], q: float) -> float:
     xs = sorted(values)
     if not xs:
@@ -112,50 +116,52 @@ class Stats:
             m = self.models[key] = _ModelStats()
         return m
 
-    def feed(self, e: Event) -> None:
-        """Account one event."""
-        if e.vram is not None and e.vram > self.peak_vram:
-            self.peak_vram = e.vram
-        k = e.kind
+    def feed(self, e: "Event | tuple") -> None:
+        """Account one event (an :class:`Event`, or a tuple of its fields in order)."""
+        t, k, task, _, model, _, _, _, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
+        if vram is not None and vram > self.peak_vram:
+            self.peak_vram = vram
         if k == "submit":
-            self._submitted[e.task] = e.t
+            self._submitted[task] = t
         elif k == "start":
-            self._started[e.task] = e.t
-            sub = self._submitted.pop(e.task, None)
-            if sub is not None:
-                self._m(e.model).waits.append(e.t - sub)
+            self._started[task] = t
         elif k == "end":
-            self._submitted.pop(e.task, None)
-            st = self._started.pop(e.task, None)
-            m = self._m(e.model)
-            if e.reason is None:
-                self.tasks += 1
-                m.tasks += 1
-                if st is not None:
-                    m.runs.append(e.t - st)
-            else:
-                self.failed += 1
-                m.failed += 1
+            self.task_ended(model, self._submitted.pop(task, None), self._started.pop(task, None), t, reason)
         elif k == "group_start":
-            if self._last_group is not None and self._last_group != e.model:
+            if self._last_group is not None and self._last_group != model:
                 self.model_switches += 1
-            self._last_group = e.model
+            self._last_group = model
         elif k == "load_end":
-            m = self._m(e.model)
+            m = self._m(model)
             m.loads += 1
-            m.load_seconds += e.duration or 0.0
+            m.load_seconds += duration or 0.0
         elif k == "unload":
-            self._m(e.model).unloads += 1
+            self._m(model).unloads += 1
         elif k == "offload":
-            m = self._m(e.model)
+            m = self._m(model)
             m.offloads += 1
-            m.offload_seconds += e.duration or 0.0
+            m.offload_seconds += duration or 0.0
         elif k == "restore":
-            m = self._m(e.model)
+            m = self._m(model)
             m.restores += 1
-            m.restore_seconds += e.duration or 0.0
+            m.restore_seconds += duration or 0.0
         elif k in ("evict", "keep_alive"):
-            self._m(e.model).evictions += 1
+            self._m(model).evictions += 1
+
+    def task_ended(self, model: str | None, submitted: float | None, started: float | None, ended: float,
+                   reason: str | None = None) -> None:
+        """Account one task's end (``reason`` set when it failed or was cancelled)."""
+        m = self._m(model)
+        if started is not None and submitted is not None:
+            m.waits.append(started - submitted)
+        if reason is not None:
+            self.failed += 1
+            m.failed += 1
+            return
+        self.tasks += 1
+        m.tasks += 1
+        if started is not None:
+            m.runs.append(ended - started)
 
     def as_dict(self) -> StatsReport:
         """Totals and per-model figures (seconds for times, bytes for VRAM)."""
@@ -203,15 +209,37 @@ class Trace:
                reason: str | None = None, vram: int | None = None, duration: float | None = None,
                t: float | None = None) -> None:
         """Append one event (``t`` defaults to now)."""
-        e = Event(self._clock() if t is None else t, kind, task, name, model, context, stream, nbytes, reason,
-                  vram, duration)
+        # Kept as a plain tuple: the collector stops tracking tuples of plain values, so a full
+        # ring buffer costs the garbage collector nothing (Event objects it would scan forever).
+        e = (self._clock() if t is None else t, kind, task, name, model, context, stream, nbytes, reason, vram, duration)
         self._events.append(e)
         self.stats.feed(e)
+
+    # -- the scheduler's hot path: one positional append per task event; the task's stats are
+    # -- accounted once, at its end, from the times the task carries (no per-event lookups).
+    def submitted(self, task: Any) -> None:
+        """``task`` was submitted (at ``task.submitted_at``)."""
+        self._events.append((task.submitted_at, "submit", task.id, task.name, task.model,
+                             None, None, None, None, None, None))
+
+    def started(self, task: Any, context: str) -> None:
+        """``task`` started (at ``task.started_at``) on ``context``'s stream."""
+        self._events.append((task.started_at, "start", task.id, task.name, task.model,
+                             context, context, None, None, None, None))
+
+    def ended(self, task: Any, vram: int | None = None, reason: str | None = None) -> None:
+        """``task`` ended (at ``task.ended_at``); ``reason`` is "failed" or "cancelled" unless it succeeded."""
+        t = task.ended_at
+        self._events.append((t, "end", task.id, task.name, task.model, task.model, None, None, reason, vram, None))
+        stats = self.stats
+        if vram is not None and vram > stats.peak_vram:
+            stats.peak_vram = vram
+        stats.task_ended(task.model, task.submitted_at, task.started_at, t, reason)
 
     @property
     def events(self) -> list[Event]:
         """A copy of the kept events, oldest first."""
-        return list(self._events)
+        return [Event(*e) for e in self._events]
 
     def clear(self) -> None:
         """Forget events and stats."""
