@@ -11,7 +11,6 @@ import atexit
 import inspect
 import threading
 from concurrent.futures import ALL_COMPLETED
-from concurrent.futures import wait as _futures_wait
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -21,7 +20,7 @@ from . import status as _status
 from .errors import ConfigError, CycleError, SchedulerClosed
 from .models import OVERFLOW_POLICIES, QoS, Slot
 from .scheduler import Config, Scheduler, Session, TaskSpec, _seconds, current_frame
-from .task import Task
+from .task import Task, wait_tasks
 from .units import parse_size
 
 __all__ = [
@@ -351,8 +350,7 @@ def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when
         from .trace import progress as _progress
 
         _progress(items, enabled=True, timeout=timeout)
-    done, not_done = _futures_wait(items, timeout=timeout, return_when=return_when)
-    return set(done), set(not_done)
+    return wait_tasks(items, timeout=timeout, return_when=return_when)
 
 
 def gather(*tasks: Task, timeout: float | None = None) -> list[Any]:

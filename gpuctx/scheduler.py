@@ -68,6 +68,11 @@ from .units import format_size, parse_size
 
 __all__ = ["Config", "Scheduler", "TaskSpec", "current_frame"]
 
+# The states as module constants: looking a member up on the Enum class costs ~70 ns, and the
+# hot path does it several times per task.
+_WAITING, _QUEUED, _RUNNING = TaskState.WAITING, TaskState.QUEUED, TaskState.RUNNING
+_DONE, _FAILED, _CANCELLED = TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED
+
 
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True)
@@ -543,7 +548,7 @@ class Scheduler:
 
     def _submit_to_draining(self, slot: Slot, task: Task) -> Task:
         if not task._deps:
-            task.state = TaskState.QUEUED   # what it will be once taken in
+            task.state = _QUEUED   # what it will be once taken in
         task.device = self._device.name
         task.submitted_at = self._clock()
         intake = self._cond.intake
@@ -588,7 +593,7 @@ class Scheduler:
         if not task._deps:
             return True
         for d in task._deps:
-            if d.state in (TaskState.FAILED, TaskState.CANCELLED):
+            if d.state in (_FAILED, _CANCELLED):
                 for other in task._deps:
                     if task in other._dependents:
                         other._dependents.remove(task)
@@ -637,7 +642,7 @@ class Scheduler:
         """``task`` runs from now on, on ``slot``'s stream."""
         # The future part stays PENDING until resolved (Task.running() reads the state instead):
         # cancel() goes through the scheduler, which never cancels a RUNNING task.
-        task.state = TaskState.RUNNING
+        task.state = _RUNNING
         task.started_at = self._clock()
         self.trace.started(task, slot.name)
 
@@ -753,7 +758,7 @@ class Scheduler:
 
     # ======================================================================= state changes (locked)
     def _make_ready_locked(self, task: Task) -> None:
-        task.state = TaskState.QUEUED
+        task.state = _QUEUED
         task._ready_at = self._clock()
         if task._on_cpu:
             self._run_on_cpu_locked(task)
@@ -767,21 +772,21 @@ class Scheduler:
         if task._on_cpu:
             return
         slot = self._slots[task.model]
-        if task.state is TaskState.QUEUED:
+        if task.state is _QUEUED:
             slot.queued -= 1
             slot.forget_stale()
-        elif task.state is TaskState.WAITING:
+        elif task.state is _WAITING:
             slot.pending -= 1
 
     def _finish_locked(self, task: Task, value: Any, to_resolve: list) -> bool:
         """Mark ``task`` done; True when a dependent became ready (then a dispatch is due)."""
         task._value = value
-        self._end_locked(task, TaskState.DONE, "result", value, to_resolve, None, self._ledger.committed())
+        self._end_locked(task, _DONE, "result", value, to_resolve, None, self._ledger.committed())
         if not task._dependents:
             return False
         woke = False
         for dep in task._dependents:
-            if dep.state is TaskState.WAITING:
+            if dep.state is _WAITING:
                 dep._ndeps -= 1
                 if dep._ndeps == 0:
                     self._make_ready_locked(dep)
@@ -819,13 +824,13 @@ class Scheduler:
             t, e, canc = stack.pop()
             if t.state.terminal:
                 continue
-            if t.state in (TaskState.WAITING, TaskState.QUEUED):
+            if t.state in (_WAITING, _QUEUED):
                 self._withdraw_locked(t)
             t._pending_error = e
             if canc:
-                self._end_locked(t, TaskState.CANCELLED, "cancel", e, to_resolve, "cancelled")
+                self._end_locked(t, _CANCELLED, "cancel", e, to_resolve, "cancelled")
             else:
-                self._end_locked(t, TaskState.FAILED, "exception", e, to_resolve, "failed")
+                self._end_locked(t, _FAILED, "exception", e, to_resolve, "failed")
             for d in t._dependents:
                 stack.append((d, _dep_error(d, t), False))
             t._dependents = ()
@@ -834,7 +839,7 @@ class Scheduler:
     def _cancel(self, task: Task) -> bool:
         to_resolve: list = []
         with self._cond:
-            if task.state not in (TaskState.WAITING, TaskState.QUEUED):
+            if task.state not in (_WAITING, _QUEUED):
                 return False
             self._fail_locked(task, None, to_resolve, cancelled=True)  # type: ignore[arg-type]
             self._dispatch_locked()
@@ -1039,7 +1044,7 @@ class Scheduler:
             _current.reset(token)
 
     def _next_batch_locked(self, slot: Slot) -> list[Task]:
-        if self._closing_now() or slot.queued == 0:
+        if not slot.queued or (self._closed and self._cancel_on_close):
             return []
         if self._others_waiting_locked(slot) and policy.should_yield(self._snapshot_locked(), slot.name):
             return []
@@ -1064,7 +1069,7 @@ class Scheduler:
 
     @staticmethod
     def _count_matching(slot: Slot, key: Any) -> int:
-        return sum(1 for e in slot._heap if e[2].state is TaskState.QUEUED and e[2]._batch_key == key)
+        return sum(1 for e in slot._heap if e[2].state is _QUEUED and e[2]._batch_key == key)
 
     def _others_waiting_locked(self, slot: Slot) -> bool:
         for s in self._slots.values():
@@ -1090,7 +1095,7 @@ class Scheduler:
             # SystemExit and KeyboardInterrupt raised by a body too (as a thread pool does): re-raised
             # here they would end this worker thread and leave the task RUNNING for good.
             if device.is_oom(exc):
-                exc = self._oom_error(slot, exc, batch[0].name)
+                exc = self._oom_error(slot, exc, batch[0].name, spec.oom_retries)
             return [("err", exc)] * len(batch)
         if len(batch) == 1 and spec.batch_size <= 1:
             return [("ok", value)]
@@ -1102,9 +1107,13 @@ class Scheduler:
 
     def _run_bodies(self, slot: Slot, spec: TaskSpec, batch: list[Task]) -> Any:
         if len(batch) == 1 and spec.batch_size <= 1:
-            return self._with_oom_retry(slot, *self._callable(spec, slot.name, batch[0]), spec.oom_retries)
-        inputs = [_substitute(t._args, t._kwargs)[0][0] for t in batch]
-        return self._with_oom_retry(slot, spec.fn, (inputs,), {}, spec.oom_retries)
+            fn, args, kwargs = self._callable(spec, slot.name, batch[0])
+        else:
+            fn, args, kwargs = spec.fn, ([_substitute(t._args, t._kwargs)[0][0] for t in batch],), {}
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            return self._retry_after_oom(slot, exc, fn, args, kwargs, spec.oom_retries)
 
     def _order_inputs(self, context: str, batch: list[Task]) -> None:
         """Make ``context``'s stream wait for each input's producer (an event, no host sync), and tell
@@ -1138,26 +1147,28 @@ class Scheduler:
     def _with_oom_retry(self, slot: Slot, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
                         retries: int | None = None) -> Any:
         """``fn(*args, **kwargs)``; on out-of-memory, free what can be freed and call it again."""
-        if kwargs is None:
-            kwargs = {}
+        kwargs = {} if kwargs is None else kwargs
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:
-            retries = self.config.oom_retries if retries is None else retries
-            if retries < 1 or not self._device.is_oom(exc):
-                raise
-            err = exc
-        for attempt in range(1, retries + 1):
+            return self._retry_after_oom(slot, exc, fn, args, kwargs, retries)
+
+    def _retry_after_oom(self, slot: Slot, exc: BaseException, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                         retries: int | None) -> Any:
+        """``fn`` raised ``exc``: re-raise it unless it is out-of-memory; else evict idle models, empty
+        the caches and call ``fn`` again, up to ``retries`` times (default: the configured number)."""
+        retries = self.config.oom_retries if retries is None else retries
+        for _ in range(retries):
+            if not self._device.is_oom(exc):
+                break
             with self._cond:
-                self.trace.record("oom_retry", model=slot.name, context=slot.name, reason=type(err).__name__)
+                self.trace.record("oom_retry", model=slot.name, context=slot.name, reason=type(exc).__name__)
             self._free_for_oom(slot)
             try:
                 return fn(*args, **kwargs)
-            except BaseException as exc:
-                if attempt >= retries or not self._device.is_oom(exc):
-                    raise
-                err = exc
-        raise AssertionError("unreachable")
+            except BaseException as again:
+                exc = again
+        raise exc
 
     def _free_for_oom(self, slot: Slot) -> None:
         with self._cond:
@@ -1169,7 +1180,8 @@ class Scheduler:
             self._evict_marked(self._slots[v], reason="out of memory in " + repr(slot.name))
         self._device.empty_caches()
 
-    def _oom_error(self, slot: Slot, exc: BaseException, what: str) -> GpuOutOfMemory:
+    def _oom_error(self, slot: Slot, exc: BaseException, what: str, retries: int | None = None) -> GpuOutOfMemory:
+        retries = self.config.oom_retries if retries is None else retries
         with self._cond:
             residents = ", ".join(
                 f"{s.name}={format_size(self._ledger.used.get(s.name, 0))}" for s in self._slots.values()
@@ -1177,7 +1189,7 @@ class Scheduler:
             ) or "none"
             budget, committed = self.budget, self._ledger.committed()
         err = GpuOutOfMemory(
-            f"{what} (model {slot.name!r}): out of device memory after {self.config.oom_retries} retry(ies); "
+            f"{what} (model {slot.name!r}): out of device memory after {retries} retry(ies); "
             f"budget {format_size(budget)}, committed {format_size(committed)}, residents: {residents}"
         )
         err.__cause__ = exc
@@ -1281,9 +1293,9 @@ class Scheduler:
     def _cpu_main(self, task: Task) -> None:
         to_resolve: list = []
         with self._cond:
-            if task.state is not TaskState.QUEUED:
+            if task.state is not _QUEUED:
                 return
-            task.state = TaskState.RUNNING
+            task.state = _RUNNING
             task.started_at = self._clock()
             self.trace.started(task, "cpu")
         token = _current.set(_Frame(task.model, None, "cpu", task))
@@ -1352,7 +1364,7 @@ class Scheduler:
             self._hk_wake.set()
             if cancel_pending:
                 for t in sorted(self._live, key=lambda t: t.id):
-                    if t.state in (TaskState.WAITING, TaskState.QUEUED):
+                    if t.state in (_WAITING, _QUEUED):
                         self._fail_locked(t, None, to_resolve, cancelled=True)  # type: ignore[arg-type]
             self._cond.notify_all()
         _resolve(to_resolve)
@@ -1551,7 +1563,7 @@ def _value_of(x: Any) -> Any:
 
 
 def _dep_error(task: Task, dep: Task) -> DependencyError:
-    if dep.state is TaskState.CANCELLED:
+    if dep.state is _CANCELLED:
         err = DependencyError(f"{task.name} (Task #{task.id}): dependency {dep.name} (Task #{dep.id}) was cancelled")
         err.__cause__ = None
     else:
@@ -1574,7 +1586,7 @@ def _resolve(items: list) -> None:
     for task, kind, value in items:
         try:
             if kind == "result":
-                Future.set_result(task, value)
+                task._set_result(value)
             elif kind == "cancel":
                 if Future.cancel(task):
                     # Like an executor's worker: move CANCELLED to CANCELLED_AND_NOTIFIED so that
@@ -1584,4 +1596,6 @@ def _resolve(items: list) -> None:
                 task._pending_error = value
                 Future.set_exception(task, value)
         except InvalidStateError:
-            pass   # resolved already
+            continue   # resolved already (and its watchers told) by whoever did it
+        if task._watches:
+            task._tell_watches(kind)

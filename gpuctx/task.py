@@ -16,14 +16,16 @@ States::
 from __future__ import annotations
 
 import html
-from concurrent.futures import Future
+import threading
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
+from concurrent.futures import _base as _fb
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scheduler import Scheduler
 
-__all__ = ["Task", "TaskState"]
+__all__ = ["Task", "TaskState", "wait_tasks"]
 
 
 class TaskState(str, Enum):
@@ -42,8 +44,48 @@ class TaskState(str, Enum):
         return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 
 
+class _OnFirstUse:
+    """A per-instance attribute made the first time it is read. A non-data descriptor: once made,
+    the instance's own value is found first and this is not called again. ``setdefault`` is one
+    dictionary operation, so two threads reading it first at once still share one value."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self._name, self._make())
+
+
+_FINISHED = _fb.FINISHED
+_DONE_STATES = frozenset((_fb.CANCELLED, _fb.CANCELLED_AND_NOTIFIED, _fb.FINISHED))
+_CANCELLED_STATES = frozenset((_fb.CANCELLED, _fb.CANCELLED_AND_NOTIFIED))
+
+# What Future.__init__ makes, on this Python. Task makes the same lazily (below) only where
+# that is the whole list; on a Python whose Future holds more, Task calls Future.__init__.
+_FUTURE_FIELDS = frozenset(Future().__dict__)
+_LAZY_FUTURE = _FUTURE_FIELDS == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+
+
 class Task(Future):
     """A scheduled call. ``result()``, ``await task``, ``cancel()``; ``state``, ``wait_time``, ``run_time``."""
+
+    # The future's own fields. Most tasks are resolved before anyone waits on them or adds a
+    # callback; those never need the condition (a lock, its bound methods and a deque) nor the
+    # two lists, so they are made on first use instead of for every task (see
+    # scheduler._set_result for the other half: resolving without the condition when it was
+    # never made).
+    _state = "PENDING"
+    _result: Any = None
+    _exception: Any = None
+    _condition = _OnFirstUse(threading.Condition)
+    _waiters = _OnFirstUse(list)
+    _done_callbacks = _OnFirstUse(list)
 
     # Values every task starts with, at class level: a submit assigns only what differs
     # (an instance attribute shadows these on first assignment; these values are immutable).
@@ -62,7 +104,8 @@ class Task(Future):
     _value: Any = None                        # the result, for dependents (no future round trip)
 
     def __init__(self, tid: int, name: str, model: str, priority: int, scheduler: "Scheduler | None" = None) -> None:
-        super().__init__()
+        if not _LAZY_FUTURE:
+            super().__init__()
         self.id = tid
         self.name = name
         self.model = model
@@ -70,10 +113,50 @@ class Task(Future):
         self.state = TaskState.WAITING
         self._scheduler = scheduler
 
+    _watches: Any = ()                        # _Watch objects of gpuctx.wait() calls (a list once one watches)
+
+    # -- the future's state, read without its condition (one attribute read is atomic) ----------
+    def done(self) -> bool:
+        """True once the task finished, failed or was cancelled."""
+        return self._state in _DONE_STATES
+
+    def cancelled(self) -> bool:
+        """True if the task was cancelled before it started."""
+        return self._state in _CANCELLED_STATES
+
+    def _set_result(self, value: Any) -> None:
+        """``Future.set_result``, without the condition when nobody has made it yet.
+
+        Nobody waiting and no callback: there is no lock to take and nobody to notify (the
+        condition is made on first use). Ordering, whatever the interleaving of threads: this
+        writes the state before it looks for the condition again; a waiter makes the condition
+        before it reads the state. So either the waiter sees FINISHED, or this sees its
+        condition and does what set_result does with it: wake the waiters, run the callbacks.
+        """
+        d = self.__dict__
+        if not _LAZY_FUTURE or "_condition" in d:
+            Future.set_result(self, value)
+            return
+        self._result = value
+        self._state = _FINISHED
+        if "_condition" in d:
+            with self._condition:
+                for waiter in self._waiters:
+                    waiter.add_result(self)
+                self._condition.notify_all()
+            self._invoke_callbacks()
+
+    def _tell_watches(self, kind: str) -> None:
+        for watch in list(self._watches):
+            watch.done(self, kind)
+
     # -- waiting ----------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value; on a GPU, only once its stream has finished the work."""
-        value = super().result(timeout)
+        if self._state == _FINISHED and self._exception is None:
+            value = self._result   # finished: no need to make (and take) the condition
+        else:
+            value = super().result(timeout)
         if self._event is not None and self._scheduler is not None:
             self._scheduler._device.synchronize(self._event)
         return value
@@ -146,3 +229,65 @@ class Task(Future):
         if err:
             body += f"<tr><th style='text-align:left'>error</th><td style='text-align:left'><code>{html.escape(err)}</code></td></tr>"
         return f"<table class='gpuctx-task'>{body}</table>"
+
+
+# --------------------------------------------------------------------------- waiting for many
+class _Watch:
+    """One ``wait_tasks`` call: its event is set once ``return_when`` is met."""
+
+    __slots__ = ("pending", "event", "return_when")
+
+    def __init__(self, tasks: list[Task], return_when: str) -> None:
+        self.pending = dict.fromkeys(tasks)
+        self.event = threading.Event()
+        self.return_when = return_when
+
+    def done(self, task: Task, kind: str) -> None:
+        # dict.pop is one operation: of the resolver and the waiter's own check, one counts it.
+        if self.pending.pop(task, _MISSING) is _MISSING:
+            return
+        if (not self.pending or self.return_when == FIRST_COMPLETED
+                or (self.return_when == FIRST_EXCEPTION and kind == "exception")):
+            self.event.set()
+
+
+_MISSING = object()
+
+
+def wait_tasks(tasks: list[Task], timeout: float | None = None,
+               return_when: str = ALL_COMPLETED) -> tuple[set[Task], set[Task]]:
+    """``concurrent.futures.wait`` for Tasks, without a lock per task.
+
+    The standard wait takes every future's condition twice and puts a waiter in each; here
+    one watch is put in each task not done yet, and the resolver (the scheduler, right after
+    resolving a task's future) tells it. A task is counted once whichever of the two sees it
+    done first.
+    """
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
+        raise ValueError(f"return_when={return_when!r}: expected ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
+    items = list(dict.fromkeys(tasks))
+    todo = [t for t in items if not t.done()]
+    if todo and not _met(items, len(todo), return_when):
+        watch = _Watch(todo, return_when)
+        for t in todo:   # publish the watch, then look again
+            t.__dict__.setdefault("_watches", []).append(watch)
+        for t in todo:
+            if t.done():
+                watch.done(t, "exception" if _raised(t) else "result")
+        watch.event.wait(timeout)
+        for t in todo:
+            t._watches.remove(watch)
+    done = {t for t in items if t.done()}
+    return done, set(items) - done
+
+
+def _raised(t: Task) -> bool:
+    return t._state == _FINISHED and t._exception is not None
+
+
+def _met(items: list[Task], not_done: int, return_when: str) -> bool:
+    if return_when == FIRST_COMPLETED:
+        return not_done < len(items)
+    if return_when == FIRST_EXCEPTION:
+        return any(_raised(t) for t in items)
+    return False

@@ -151,7 +151,9 @@ class Stats:
     def task_ended(self, model: str | None, submitted: float | None, started: float | None, ended: float,
                    reason: str | None = None) -> None:
         """Account one task's end (``reason`` set when it failed or was cancelled)."""
-        m = self._m(model)
+        m = self.models.get(model) if model else None
+        if m is None:
+            m = self._m(model)
         if started is not None and submitted is not None:
             m.waits.append(started - submitted)
         if reason is not None:
