@@ -62,6 +62,7 @@ from .errors import (
 )
 from .ledger import Ledger
 from .models import OVERFLOW_POLICIES, QoS, Slot
+from .task import GIL as _GIL
 from .task import Task, TaskState
 from .trace import Trace
 from .units import format_size, parse_size
@@ -492,7 +493,8 @@ class Scheduler:
         # Work the caller queued on its own stream before this call (the tensors it passes, made
         # on the default stream a moment ago) must be done before the task's stream reads them.
         task._caller_event = self._device.record_caller()
-        if spec.batch_size <= 1 and spec.device is None and not spec.after and not (spec.cuda_graph and not deps):
+        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after
+                and not (spec.cuda_graph and not deps)):
             slot = self._slots.get(spec.model)
             if (slot is not None and slot.busy and slot.state == policy.RESIDENT and slot.max_queue is None
                     and (spec.vram is None or spec.vram == slot.size) and not self._handlers and not self._closed

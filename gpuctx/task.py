@@ -16,9 +16,11 @@ States::
 from __future__ import annotations
 
 import html
+import sys
 import threading
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
 from concurrent.futures import _base as _fb
+from concurrent.futures import wait as _futures_wait
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Generator
 
@@ -68,8 +70,11 @@ _CANCELLED_STATES = frozenset((_fb.CANCELLED, _fb.CANCELLED_AND_NOTIFIED))
 
 # What Future.__init__ makes, on this Python. Task makes the same lazily (below) only where
 # that is the whole list; on a Python whose Future holds more, Task calls Future.__init__.
+# The lock-free steps here and in the scheduler's intake rely on the GIL running one thread's
+# steps at a time in some interleaving; a free-threaded Python takes the locked ways instead.
+GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 _FUTURE_FIELDS = frozenset(Future().__dict__)
-_LAZY_FUTURE = _FUTURE_FIELDS == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+_LAZY_FUTURE = GIL and _FUTURE_FIELDS == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
 
 
 class Task(Future):
@@ -266,6 +271,9 @@ def wait_tasks(tasks: list[Task], timeout: float | None = None,
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
         raise ValueError(f"return_when={return_when!r}: expected ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
     items = list(dict.fromkeys(tasks))
+    if not GIL:
+        done, not_done = _futures_wait(items, timeout=timeout, return_when=return_when)
+        return set(done), set(not_done)
     todo = [t for t in items if not t.done()]
     if todo and not _met(items, len(todo), return_when):
         watch = _Watch(todo, return_when)

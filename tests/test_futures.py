@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import sys
 import threading
 
 import pytest
@@ -178,3 +179,20 @@ def test_two_waits_on_the_same_tasks_both_wake_and_leave_nothing_behind(fresh, g
         th.join(TIMEOUT)
     assert [len(done) for done, _ in results] == [10, 10]
     assert all(not t._watches for t in ts)   # each wait removed its watch
+
+
+def test_without_the_gil_the_standard_ways_are_taken(fresh, monkeypatch, gate):
+    """On a free-threaded Python the lock-free steps are off: plain futures, locked submits,
+    the standard wait."""
+    monkeypatch.setattr(task_module, "GIL", False)
+    monkeypatch.setattr(task_module, "_LAZY_FUTURE", False)
+    monkeypatch.setattr(sys.modules["gpuctx.scheduler"], "_GIL", False)
+    release = gate()
+    job = _gated(release)
+    first = job(0)
+    rest = [job(i) for i in range(1, 20)]
+    assert all("_condition" in t.__dict__ for t in [first] + rest)   # Future.__init__ ran
+    assert not gpuctx.scheduler()._cond.intake
+    release.set()
+    done, not_done = gpuctx.wait([first] + rest, timeout=TIMEOUT)
+    assert len(done) == 20 and not not_done
