@@ -866,8 +866,11 @@ class Scheduler:
     def _dispatch_locked(self) -> None:
         if self._closed and not self._live:
             return
-        if not any(s.queued and not s.busy for s in self._slots.values()):
-            return
+        for s in self._slots.values():
+            if s.queued and not s.busy:
+                break
+        else:
+            return   # every slot with work is running it already
         for start in policy.plan(self._snapshot_locked()):
             slot = self._slots[start.slot]
             slot.busy = True
@@ -1524,15 +1527,20 @@ def _apply_host_budget(device: Device, host_budget: int | None) -> None:
 
 
 def _collect_tasks(args: tuple, kwargs: dict) -> "list[Task] | tuple":
-    for a in args:
-        if type(a) not in _SCALARS:
-            break
-    else:
-        if not kwargs:
-            return _NO_TASKS   # the common case, without the walk
-    found: list[Task] = []
-    _find_tasks(args, found)
-    _find_tasks(kwargs, found)
+    found: list[Task] | tuple = _NO_TASKS
+    for a in args:   # the common cases (plain values, a Task as an argument) without the walk
+        if type(a) in _SCALARS:
+            continue
+        if found is _NO_TASKS:
+            found = []
+        if type(a) is Task:
+            found.append(a)
+        else:
+            _find_tasks(a, found)
+    if kwargs:
+        if found is _NO_TASKS:
+            found = []
+        _find_tasks(kwargs, found)
     return found
 
 
@@ -1551,10 +1559,12 @@ def _find_tasks(x: Any, found: list) -> None:
 
 def _substitute(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Replace every Task in the arguments by its value."""
-    return tuple(_value_of(a) for a in args), {k: _value_of(v) for k, v in kwargs.items()}
+    return tuple([_value_of(a) for a in args]), ({k: _value_of(v) for k, v in kwargs.items()} if kwargs else kwargs)
 
 
 def _value_of(x: Any) -> Any:
+    if type(x) in _SCALARS:
+        return x
     if isinstance(x, Task):
         return x._value
     if isinstance(x, (list, tuple, set, frozenset)):
