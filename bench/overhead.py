@@ -61,7 +61,9 @@ def pool_throughput(pool: ThreadPoolExecutor):
     return run
 
 
-def pool_chain(pool: ThreadPoolExecutor):
+def callback_chain(submit):
+    """A chain where each call's done-callback submits the next (what a thread pool can express):
+    the callbacks run on the worker thread, so no call ever crosses threads."""
     def run(n: int) -> None:
         done: Future = Future()
 
@@ -69,11 +71,15 @@ def pool_chain(pool: ThreadPoolExecutor):
             if i == n:
                 done.set_result(value)
                 return
-            pool.submit(noop, value).add_done_callback(lambda f: step(i + 1, f.result()))
+            submit(value).add_done_callback(lambda f: step(i + 1, f.result()))
 
         step(0, 0)
         done.result()
     return run
+
+
+def pool_chain(pool: ThreadPoolExecutor):
+    return callback_chain(lambda value: pool.submit(noop, value))
 
 
 # ----------------------------------------------------------------------------- gpuctx
@@ -152,9 +158,12 @@ def main() -> None:
         names = ("ThreadPoolExecutor(1 worker)", "ThreadPoolExecutor(2 workers)", "gpuctx (CPU device, 1 model)")
         thr = interleaved(dict(zip(names, (pool_throughput(pool1), pool_throughput(pool2), gpuctx_throughput(fn)))),
                           a.tasks, a.repeat)
-        chain = interleaved(dict(zip(names, (pool_chain(pool1), pool_chain(pool2), gpuctx_chain(fn)))),
+        by_callbacks = "gpuctx, chain by callbacks (as the pools)"
+        chain = interleaved(dict(zip(names + (by_callbacks,), (pool_chain(pool1), pool_chain(pool2), gpuctx_chain(fn),
+                                                               callback_chain(fn)))),
                             a.chain, a.repeat)
         rows = {name: (thr[name], chain[name]) for name in names}
+        rows[by_callbacks] = (None, chain[by_callbacks])
     if a.peers:
         for name, f in (("Ray tasks", ray_rows), ("Dask distributed (in-process)", dask_rows)):
             r = f(a.tasks, a.chain, a.repeat)
@@ -169,7 +178,8 @@ def main() -> None:
     print("| runner | µs/task (no-op) | x thread pool | µs/link (chain) | x thread pool |")
     print("|---|---:|---:|---:|---:|")
     for name, (t, c) in rows.items():
-        print(f"| {name} | {t:.1f} | {t / base_t:.2f} | {c:.1f} | {c / base_c:.2f} |")
+        thr = "– | –" if t is None else f"{t:.1f} | {t / base_t:.2f}"
+        print(f"| {name} | {thr} | {c:.1f} | {c / base_c:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1017,7 +1017,7 @@ class Scheduler:
 
     def _drain(self, slot: Slot) -> None:
         """Run ``slot``'s ready tasks until its queue is empty or the policy says yield."""
-        prev: list[Task] = []
+        prev: Any = ()
         prev_out: list = []
         cond = self._cond
         # The slot's model stays resident and its object the same while the slot is busy:
@@ -1031,6 +1031,7 @@ class Scheduler:
                         woke = False
                         for t, outcome in zip(prev, prev_out):
                             woke = self._settle_locked(t, outcome, to_resolve) or woke
+                        prev = ()
                         slot.last_used = self._clock()
                         if woke:   # dependents became ready (or failed): other slots may start now
                             self._dispatch_locked()
@@ -1043,6 +1044,8 @@ class Scheduler:
                 if to_resolve:
                     _resolve(to_resolve)
                 if not batch:
+                    if to_resolve and cond.intake:
+                        continue   # a done-callback just submitted more: take it in before ending the group
                     return
                 prev, prev_out = batch, self._execute(slot, obj, batch)
         finally:

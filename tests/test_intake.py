@@ -328,3 +328,28 @@ def test_running_reflects_the_task_state(fresh, gate):
     release.set()
     h.result(TIMEOUT)
     assert not h.running()
+
+
+def test_work_submitted_by_a_done_callback_keeps_the_group_going(fresh):
+    """A callback on the worker thread submits the next call (a pipeline driven by callbacks):
+    the worker takes it in and runs it in the same group instead of ending it and starting anew."""
+
+    @gpuctx.gpu_task(model="m")
+    def inc(x):
+        return x + 1
+
+    finished = threading.Event()
+    out = []
+
+    def step(f):
+        value = f.result()
+        if value == 50:
+            out.append(value)
+            finished.set()
+        else:
+            inc(value).add_done_callback(step)
+
+    inc(0).add_done_callback(step)
+    assert finished.wait(TIMEOUT) and out == [50]
+    groups = [e for e in gpuctx.scheduler().trace.events if e.kind == "group_start" and e.model == "m"]
+    assert len(groups) == 1
