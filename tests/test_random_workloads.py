@@ -64,3 +64,62 @@ def test_random_dag_terminal_states_order_and_budget(fresh, seed):
     assert sum(states.values()) == 60
     assert max(peaks) <= s.budget
     assert s.tasks() == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_submitting_threads_with_dependencies_across_models_and_cancels(fresh, seed):
+    """Calls arrive from two threads at once (most of them lock-free, for draining models) while
+    models are evicted to make room: each call still ends once, after its dependencies, in budget."""
+    rng = random.Random(1000 + seed)
+    gpuctx.configure(budget="5GB")
+    s = gpuctx.scheduler()
+    ran: Counter = Counter()
+    ends: dict[int, int] = {}
+    clock = iter(range(10**9))
+    lock = threading.Lock()
+    peaks = []
+    names = [f"m{i}" for i in range(4)]
+    for name in names:
+        gpuctx.model(name, vram="2GB")(lambda _n=name: _n)
+
+    def body(tag, *deps):
+        with lock:
+            ran[tag] += 1
+            ends[tag] = next(clock)
+            peaks.append(s.committed())
+        return tag
+
+    fns = {n: gpuctx.gpu_task(model=n, name=f"f_{n}")(body) for n in names}
+    tasks: dict[int, gpuctx.Task] = {}
+    deps_of: dict[int, list[int]] = {}
+    plans = [[(i, rng.choice(names), rng.random() < 0.03) for i in range(lo, 400, 2)] for lo in (0, 1)]
+    start = threading.Barrier(2)
+
+    def submit(plan) -> None:
+        start.wait(30)
+        for i, name, cancel in plan:
+            with lock:
+                pool = list(tasks.items())
+            deps = rng.sample(pool, k=min(len(pool), rng.randint(0, 2))) if pool else []
+            t = fns[name](i, *[d for _, d in deps])
+            with lock:
+                deps_of[i] = [k for k, _ in deps]
+                tasks[i] = t
+            if cancel:
+                t.cancel()
+
+    threads = [threading.Thread(target=submit, args=(p,)) for p in plans]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    done, not_done = gpuctx.wait(list(tasks.values()), timeout=30)
+    assert not not_done and len(tasks) == 400
+    for i, t in tasks.items():
+        if t.state is TaskState.DONE:
+            assert ran[i] == 1 and t.result() == i
+            assert all(ends[d] < ends[i] for d in deps_of[i]), "ran before a dependency ended"
+        else:
+            assert ran[i] == 0 and t.state in (TaskState.CANCELLED, TaskState.FAILED)
+    assert max(peaks) <= s.budget
+    assert s.tasks() == []
