@@ -5,7 +5,8 @@ One command, one run: gpuctx through its full scheduler (CPU device), a
 distributed (in-process cluster) when the ``bench`` extra is installed. Each row is
 the median of ``--repeat`` samples; gpuctx and the thread pools take turns sample by
 sample, each sample after a ``gc.collect()``; ratios are against the thread pool of
-the same run.
+the same run. A second table gives the Python memory each queued call holds (tracemalloc),
+gpuctx against the pool.
 
     python bench/overhead.py [--tasks 20000] [--chain 2000] [--repeat 5]
 """
@@ -18,7 +19,9 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
+import tracemalloc
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as fwait
 
@@ -98,6 +101,51 @@ def gpuctx_chain(fn):
     return run
 
 
+# ----------------------------------------------------------------------------- memory
+def queued_bytes(hold, submit, n: int, release) -> float:
+    """Bytes of Python memory per call queued behind a running ``hold()`` (tracemalloc)."""
+    held = hold()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    items = [submit(i) for i in range(n)]
+    gpuctx.scheduler().tasks()   # a lock holder takes the lock-free calls in (a no-op for the pool)
+    per_call = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    release()
+    fwait(list(items) + [held])
+    return per_call
+
+
+def memory_rows(fn, pool: ThreadPoolExecutor, n: int) -> dict:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def hold_body():
+        started.set()
+        gate.wait()
+
+    hold_task = gpuctx.gpu_task(model="noop", name="hold")(hold_body)
+
+    def hold_gpuctx():
+        t = hold_task()
+        started.wait()
+        return t
+
+    def hold_pool():
+        f = pool.submit(hold_body)
+        started.wait()
+        return f
+
+    rows = {}
+    for name, hold, submit in (("ThreadPoolExecutor(1 worker)", hold_pool, lambda i: pool.submit(noop, i)),
+                               ("gpuctx (CPU device, 1 model)", hold_gpuctx, fn)):
+        gate.clear()
+        started.clear()
+        rows[name] = queued_bytes(hold, submit, n, gate.set)
+    return rows
+
+
 # ----------------------------------------------------------------------------- peers
 def ray_rows(n: int, chain: int, repeat: int):
     try:
@@ -164,6 +212,7 @@ def main() -> None:
                             a.chain, a.repeat)
         rows = {name: (thr[name], chain[name]) for name in names}
         rows[by_callbacks] = (None, chain[by_callbacks])
+        memory = memory_rows(fn, pool1, a.tasks)
     if a.peers:
         for name, f in (("Ray tasks", ray_rows), ("Dask distributed (in-process)", dask_rows)):
             r = f(a.tasks, a.chain, a.repeat)
@@ -180,6 +229,12 @@ def main() -> None:
     for name, (t, c) in rows.items():
         thr = "– | –" if t is None else f"{t:.1f} | {t / base_t:.2f}"
         print(f"| {name} | {thr} | {c:.1f} | {c / base_c:.2f} |")
+    base_m = memory["ThreadPoolExecutor(1 worker)"]
+    print()
+    print(f"| runner | bytes per queued no-op call ({a.tasks} queued, tracemalloc) | x thread pool |")
+    print("|---|---:|---:|")
+    for name, b in memory.items():
+        print(f"| {name} | {b:.0f} | {b / base_m:.2f} |")
 
 
 if __name__ == "__main__":
