@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import sys
 import threading
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, InvalidStateError
 from concurrent.futures import _base as _fb
 from concurrent.futures import wait as _futures_wait
 from enum import Enum
@@ -82,10 +82,9 @@ class Task(Future):
 
     # The future's own fields. Most tasks are resolved before anyone waits on them or adds a
     # callback; those never need the condition (a lock, its bound methods and a deque) nor the
-    # two lists, so they are made on first use instead of for every task (see
-    # scheduler._set_result for the other half: resolving without the condition when it was
-    # never made).
-    _state = "PENDING"
+    # two lists, so they are made on first use instead of for every task (see _set_result for
+    # the other half: resolving without the condition when it was never made).
+    _state = _fb.PENDING
     _result: Any = None
     _exception: Any = None
     _condition = _OnFirstUse(threading.Condition)
@@ -107,6 +106,7 @@ class Task(Future):
     _caller_event: Any = None                 # CUDA event on the submitter's stream
     _event: Any = None                        # CUDA event recorded on the producing stream
     _value: Any = None                        # the result, for dependents (no future round trip)
+    _watches: Any = ()                        # watches of gpuctx.wait() calls (a list once one watches)
 
     def __init__(self, tid: int, name: str, model: str, priority: int, scheduler: "Scheduler | None" = None) -> None:
         if not _LAZY_FUTURE:
@@ -117,8 +117,6 @@ class Task(Future):
         self.priority = priority
         self.state = TaskState.WAITING
         self._scheduler = scheduler
-
-    _watches: Any = ()                        # _Watch objects of gpuctx.wait() calls (a list once one watches)
 
     # -- the future's state, read without its condition (one attribute read is atomic) ----------
     def done(self) -> bool:
@@ -142,6 +140,8 @@ class Task(Future):
         if not _LAZY_FUTURE or "_condition" in d:
             Future.set_result(self, value)
             return
+        if self._state != _fb.PENDING:
+            raise InvalidStateError(f"{self._state}: {self!r}")
         self._result = value
         self._state = _FINISHED
         if "_condition" in d:
