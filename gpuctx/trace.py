@@ -240,7 +240,9 @@ class Trace:
 
     @property
     def events(self) -> list[Event]:
-        """A copy of the kept events, oldest first."""
+        """A copy of the kept events in the order they were recorded. A call submitted without the
+        scheduler lock is recorded when the scheduler takes it in, with the time of the call, so its
+        ``submit`` can follow events a few microseconds younger than itself."""
         return [Event(*e) for e in self._events]
 
     def clear(self) -> None:
@@ -300,7 +302,7 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
     if budget is None and isinstance(source, Trace):
         budget = source.budget
     tasks, load_spans, instants, vram = _spans(events)
-    t0 = events[0].t if events else 0.0
+    t0 = min((e.t for e in events), default=0.0)   # a lock-free submit is recorded a moment late
     rows = sorted({r[0] for r in tasks} | {m for m, *_ in load_spans})
     models = sorted({r[2] for r in tasks if r[2]} | {m for m, *_ in load_spans} | set(vram))
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
@@ -354,7 +356,7 @@ def export_chrome(source: Trace | Iterable[Event], path: str) -> None:
     """Write Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing): tasks, loads, evictions, VRAM."""
     events = _events_of(source)
     tasks, load_spans, instants, vram = _spans(events)
-    t0 = events[0].t if events else 0.0
+    t0 = min((e.t for e in events), default=0.0)   # a lock-free submit is recorded a moment late
     us = lambda t: (t - t0) * 1e6  # noqa: E731
     tids: dict[str, int] = {}
 
