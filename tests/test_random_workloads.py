@@ -12,17 +12,16 @@ import gpuctx
 from gpuctx import TaskState
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_dag_terminal_states_order_and_budget(fresh, seed):
-    rng = random.Random(seed)
-    gpuctx.configure(budget="6GB")
+def _workload(budget: str, sizes: dict[str, str]):
+    """Models of ``sizes`` under ``budget`` and a task per model whose body ``(tag, fail, *deps)``
+    records that it ran, in which order, and what was committed then."""
+    gpuctx.configure(budget=budget)
     s = gpuctx.scheduler()
     ran: Counter = Counter()
     ends: dict[int, int] = {}
     clock = iter(range(10**9))
     lock = threading.Lock()
-    peaks = []
-    sizes = {f"m{i}": rng.choice(["1GB", "2GB", "3GB", "4GB"]) for i in range(5)}
+    peaks: list[int] = []
     for name, size in sizes.items():
         gpuctx.model(name, vram=size)(lambda _n=name: _n)
 
@@ -36,6 +35,14 @@ def test_random_dag_terminal_states_order_and_budget(fresh, seed):
         return tag
 
     fns = {n: gpuctx.gpu_task(model=n, name=f"f_{n}")(body) for n in sizes}
+    return s, fns, ran, ends, peaks, lock
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_dag_terminal_states_order_and_budget(fresh, seed):
+    rng = random.Random(seed)
+    sizes = {f"m{i}": rng.choice(["1GB", "2GB", "3GB", "4GB"]) for i in range(5)}
+    s, fns, ran, ends, peaks, _ = _workload("6GB", sizes)
     tasks, deps_of = [], {}
     for i in range(60):
         deps = rng.sample(tasks, k=min(len(tasks), rng.randint(0, 2)))
@@ -71,25 +78,8 @@ def test_two_submitting_threads_with_dependencies_across_models_and_cancels(fres
     """Calls arrive from two threads at once (most of them lock-free, for draining models) while
     models are evicted to make room: each call still ends once, after its dependencies, in budget."""
     rng = random.Random(1000 + seed)
-    gpuctx.configure(budget="5GB")
-    s = gpuctx.scheduler()
-    ran: Counter = Counter()
-    ends: dict[int, int] = {}
-    clock = iter(range(10**9))
-    lock = threading.Lock()
-    peaks = []
     names = [f"m{i}" for i in range(4)]
-    for name in names:
-        gpuctx.model(name, vram="2GB")(lambda _n=name: _n)
-
-    def body(tag, *deps):
-        with lock:
-            ran[tag] += 1
-            ends[tag] = next(clock)
-            peaks.append(s.committed())
-        return tag
-
-    fns = {n: gpuctx.gpu_task(model=n, name=f"f_{n}")(body) for n in names}
+    s, fns, ran, ends, peaks, lock = _workload("5GB", dict.fromkeys(names, "2GB"))
     tasks: dict[int, gpuctx.Task] = {}
     deps_of: dict[int, list[int]] = {}
     plans = [[(i, rng.choice(names), rng.random() < 0.03) for i in range(lo, 400, 2)] for lo in (0, 1)]
@@ -101,7 +91,7 @@ def test_two_submitting_threads_with_dependencies_across_models_and_cancels(fres
             with lock:
                 pool = list(tasks.items())
             deps = rng.sample(pool, k=min(len(pool), rng.randint(0, 2))) if pool else []
-            t = fns[name](i, *[d for _, d in deps])
+            t = fns[name](i, False, *[d for _, d in deps])
             with lock:
                 deps_of[i] = [k for k, _ in deps]
                 tasks[i] = t
