@@ -1072,9 +1072,6 @@ class Scheduler:
                 self._cond.wait(left)
         return slot.take_matching(head._batch_key, spec.batch_size)
 
-    def _closing_now(self) -> bool:
-        return self._closed and self._cancel_on_close
-
     @staticmethod
     def _count_matching(slot: Slot, key: Any) -> int:
         return sum(1 for e in slot._heap if e[2].state is _QUEUED and e[2]._batch_key == key)
