@@ -14,6 +14,7 @@ import html
 import json
 import time
 from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -399,5 +400,5 @@ def progress(futures: Iterable[Any], *, enabled: bool = True, desc: str = "gpuct
         try:
             for _ in as_completed(items, timeout=timeout):
                 bar.update(1)
-        except TimeoutError:
+        except FutureTimeout:   # not the builtin TimeoutError before Python 3.11
             pass

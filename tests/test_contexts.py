@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
@@ -125,7 +126,7 @@ def test_best_effort_cannot_evict_higher_tiers_and_waits(fresh, gate):
     assert gpuctx.explain("bg").startswith("waits")
     assert not gpuctx.admit("bg")
     t = use_bg()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(FutureTimeout):
         t.result(0.2)
     assert ("unload", "main") not in log
     gpuctx.evict("main")                      # room appears: the best-effort task runs
