@@ -65,7 +65,7 @@ def scheduler() -> Scheduler:
     """The kernel's scheduler, created on first use; after :func:`shutdown`, only once configure()/reset() ran."""
     global _sched
     s = _sched
-    if s is not None and not s.closed:
+    if s is not None and not s._closed:   # the attribute, not the property: this runs for every call
         return s
     with _lock:
         if _shut:
@@ -332,10 +332,7 @@ def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool
         cycle = _find_cycle(wrapper, spec.after)
         if cycle:
             raise CycleError(f"{spec.name}: after= forms a cycle between gpu_task functions: {' -> '.join(cycle)}")
-    s = _sched
-    if s is None or s._closed:
-        s = scheduler()
-    return s.submit(spec, args, kwargs, block=block)
+    return scheduler().submit(spec, args, kwargs, block=block)
 
 
 def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when: str = ALL_COMPLETED,

@@ -476,10 +476,8 @@ class Scheduler:
                timeout: float | None = None) -> Task:
         """Register one call of ``spec``; returns its Task at once (or raises on bad input/overload)."""
         deps = _collect_tasks(args, kwargs)
-        if spec.after:
-            deps = list(deps)
-            for extra in spec.after:
-                deps.extend(self._after_deps(spec, extra))
+        for extra in spec.after:
+            deps.extend(self._after_deps(spec, extra))
         to_resolve: list = []
         # Built before taking the lock: nothing else can see the task yet. Attributes left at
         # their class defaults (no dependencies, not batched, on the GPU) cost nothing here.
@@ -1115,10 +1113,7 @@ class Scheduler:
             fn, args, kwargs = self._callable(spec, slot.name, batch[0])
         else:
             fn, args, kwargs = spec.fn, ([_substitute(t._args, t._kwargs)[0][0] for t in batch],), {}
-        try:
-            return fn(*args, **kwargs)
-        except BaseException as exc:
-            return self._retry_after_oom(slot, exc, fn, args, kwargs, spec.oom_retries)
+        return self._with_oom_retry(slot, fn, args, kwargs, spec.oom_retries)
 
     def _order_inputs(self, context: str, batch: list[Task]) -> None:
         """Make ``context``'s stream wait for each input's producer (an event, no host sync), and tell
@@ -1512,7 +1507,6 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: SimpleQueue) -
 
 
 _SCALARS = frozenset((int, float, str, bytes, bool, type(None)))
-_NO_TASKS: tuple = ()   # "no Task in the arguments"
 _NO_SCOPE = contextlib.nullcontext()
 
 
@@ -1526,20 +1520,12 @@ def _apply_host_budget(device: Device, host_budget: int | None) -> None:
         device.host_budget = host_budget
 
 
-def _collect_tasks(args: tuple, kwargs: dict) -> "list[Task] | tuple":
-    found: list[Task] | tuple = _NO_TASKS
-    for a in args:   # the common cases (plain values, a Task as an argument) without the walk
-        if type(a) in _SCALARS:
-            continue
-        if found is _NO_TASKS:
-            found = []
-        if type(a) is Task:
-            found.append(a)
-        else:
+def _collect_tasks(args: tuple, kwargs: dict) -> list[Task]:
+    found: list[Task] = []
+    for a in args:
+        if type(a) not in _SCALARS:   # plain values (the common case) need no walk
             _find_tasks(a, found)
     if kwargs:
-        if found is _NO_TASKS:
-            found = []
         _find_tasks(kwargs, found)
     return found
 
