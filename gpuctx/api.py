@@ -19,7 +19,8 @@ import decorator as _decorator
 from . import status as _status
 from .errors import ConfigError, CycleError, SchedulerClosed
 from .models import OVERFLOW_POLICIES, QoS, Slot
-from .scheduler import Config, Scheduler, Session, TaskSpec, _seconds, current_frame
+from .engine import Config, Scheduler, Session, TaskSpec, current_frame
+from .engine.spec import _seconds
 from .task import Task, wait_tasks
 from .units import parse_size
 

@@ -10,7 +10,7 @@ from .models import QoS
 from .units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .scheduler import Scheduler
+    from .engine import Scheduler
 
 __all__ = ["Status", "ModelRow", "TaskRow"]
 

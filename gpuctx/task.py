@@ -22,12 +22,19 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, 
 from concurrent.futures import _base as _fb
 from concurrent.futures import wait as _futures_wait
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Generator
+from typing import Any, Generator, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .scheduler import Scheduler
+__all__ = ["Task", "TaskOwner", "TaskState", "wait_tasks"]
 
-__all__ = ["Task", "TaskState", "wait_tasks"]
+
+class TaskOwner(Protocol):
+    """What a Task needs from the scheduler that made it: two calls, nothing else."""
+
+    def cancel_task(self, task: "Task") -> bool:
+        """Withdraw ``task`` if it has not started; True when it is cancelled now."""
+
+    def synchronize(self, event: Any) -> None:
+        """Block until the device has reached ``event`` (a task's end on its stream)."""
 
 
 class TaskState(str, Enum):
@@ -108,7 +115,7 @@ class Task(Future):
     _value: Any = None                        # the result, for dependents (no future round trip)
     _watches: Any = ()                        # watches of gpuctx.wait() calls (a list once one watches)
 
-    def __init__(self, tid: int, name: str, model: str, priority: int, scheduler: "Scheduler | None" = None) -> None:
+    def __init__(self, tid: int, name: str, model: str, priority: int, owner: TaskOwner | None = None) -> None:
         if not _LAZY_FUTURE:
             super().__init__()
         self.id = tid
@@ -116,7 +123,7 @@ class Task(Future):
         self.model = model
         self.priority = priority
         self.state = TaskState.WAITING
-        self._scheduler = scheduler
+        self._owner = owner
 
     # -- the future's state, read without its condition (one attribute read is atomic) ----------
     def done(self) -> bool:
@@ -162,8 +169,8 @@ class Task(Future):
             value = self._result   # finished: no need to make (and take) the condition
         else:
             value = super().result(timeout)
-        if self._event is not None and self._scheduler is not None:
-            self._scheduler._device.synchronize(self._event)
+        if self._event is not None and self._owner is not None:
+            self._owner.synchronize(self._event)
         return value
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -178,8 +185,8 @@ class Task(Future):
 
     def cancel(self) -> bool:
         """Withdraw the task if it has not started; its dependents fail with DependencyError."""
-        if self._scheduler is not None:
-            return self._scheduler._cancel(self)
+        if self._owner is not None:
+            return self._owner.cancel_task(self)
         return super().cancel()
 
     # -- display ----------------------------------------------------------------

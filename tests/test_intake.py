@@ -15,7 +15,7 @@ import pytest
 
 import gpuctx
 from gpuctx import TaskState
-from gpuctx.scheduler import Scheduler
+from gpuctx.engine import Scheduler
 
 TIMEOUT = 10
 

@@ -639,7 +639,7 @@ class _RecordingDevice(gpuctx.device.CpuDevice):
 
 
 def test_inputs_are_ordered_by_events_and_marked_in_use_on_the_consumer_stream():
-    from gpuctx.scheduler import Scheduler, TaskSpec
+    from gpuctx.engine import Scheduler, TaskSpec
 
     dev = _RecordingDevice()
     sched = Scheduler(device=dev)
@@ -705,7 +705,7 @@ def test_a_worker_survives_an_unloader_that_raises_system_exit(fresh):
 
 
 def test_a_session_end_orders_the_callers_next_work_after_the_body():
-    from gpuctx.scheduler import Scheduler
+    from gpuctx.engine import Scheduler
 
     dev = _RecordingDevice()
     sched = Scheduler(device=dev)
@@ -730,13 +730,13 @@ class _MeasuringDevice(gpuctx.device.CpuDevice):
 
 
 def _measuring_scheduler(sizes: dict):
-    from gpuctx.scheduler import Config, Scheduler
+    from gpuctx.engine import Config, Scheduler
 
     return Scheduler(Config(safety_factor=1.0), device=_MeasuringDevice(sizes))
 
 
 def _use(sched, model):
-    from gpuctx.scheduler import TaskSpec
+    from gpuctx.engine import TaskSpec
 
     return sched.submit(TaskSpec(fn=lambda: model, name=f"use_{model}", model=model), (), {})
 
@@ -779,7 +779,7 @@ def test_a_measured_size_over_the_budget_evicts_idle_models_to_stay_within_it():
 
 def _graph_scheduler():
     """A scheduler on a non-CPU (recording) device where every cuda_graph call counts as replayable."""
-    from gpuctx.scheduler import Scheduler
+    from gpuctx.engine import Scheduler
 
     sched = Scheduler(device=_RecordingDevice())
     sched._replayable = lambda spec, args, kwargs: True
@@ -787,7 +787,7 @@ def _graph_scheduler():
 
 
 def test_a_replayable_graph_call_is_launched_by_the_caller_when_its_model_is_idle():
-    from gpuctx.scheduler import TaskSpec
+    from gpuctx.engine import TaskSpec
 
     sched = _graph_scheduler()
     try:
@@ -806,7 +806,7 @@ def test_a_replayable_graph_call_is_launched_by_the_caller_when_its_model_is_idl
 
 
 def test_graph_calls_queue_as_usual_when_the_model_is_busy_or_not_loaded(gate):
-    from gpuctx.scheduler import TaskSpec
+    from gpuctx.engine import TaskSpec
 
     sched = _graph_scheduler()
     release, running = gate(), threading.Event()
@@ -828,7 +828,7 @@ def test_graph_calls_queue_as_usual_when_the_model_is_busy_or_not_loaded(gate):
 
 
 def test_ctrl_c_while_launching_fails_the_task_reaches_the_caller_and_frees_the_model():
-    from gpuctx.scheduler import TaskSpec
+    from gpuctx.engine import TaskSpec
 
     def interrupted(x):
         if x == "stop":
@@ -851,7 +851,7 @@ def test_ctrl_c_while_launching_fails_the_task_reaches_the_caller_and_frees_the_
 
 def test_a_call_launched_by_the_caller_runs_under_a_workers_torch_modes():
     torch = pytest.importorskip("torch")
-    from gpuctx.scheduler import TaskSpec
+    from gpuctx.engine import TaskSpec
 
     sched = _graph_scheduler()
     try:

@@ -1,0 +1,67 @@
+"""Dispatch."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from .. import policy
+from ..models import QoS, Slot
+from .group import _GROUP, _worker_main
+
+
+class _Dispatch:
+    """Mixin of :class:`gpuctx.engine.Scheduler`; see the module docstring."""
+
+    def _snapshot_locked(self) -> policy.Snapshot:
+        now = self._clock()
+        views = []
+        for s in self._slots.values():
+            oldest = s.oldest_queued() if s.queued else None
+            views.append(policy.SlotView(
+                name=s.name, size=s.size, state=s.state, used=self._ledger.used.get(s.name, 0),
+                reserved=self._ledger.reserved.get(s.name, 0), claim=self._ledger.claims.get(s.name, 0),
+                busy=s.busy, pinned=s.pin, priority=s.priority, qos=s.qos, last_used=s.last_used,
+                load_cost=s.load_cost, queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
+                oldest=oldest._ready_at if oldest is not None else now,
+            ))
+        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
+
+    def _dispatch_locked(self) -> None:
+        if self._closed and not self._live:
+            return
+        for s in self._slots.values():
+            if s.queued and not s.busy:
+                break
+        else:
+            return   # every slot with work is running it already
+        for start in policy.plan(self._snapshot_locked()):
+            slot = self._slots[start.slot]
+            slot.busy = True
+            for v in start.evict:
+                victim = self._slots[v]
+                self._mark_evicting_locked(victim, f"room for {start.slot!r}: {_victim_reason(victim)}")
+            if start.need:
+                self._ledger.claims[start.slot] = start.need
+            self._worker(slot.name).put((_GROUP, start.evict, start.need))
+        self._cond.notify_all()
+
+    def _worker(self, name: str) -> Any:
+        entry = self._workers.get(name)
+        if entry is None:
+            inbox = self._driver.inbox()
+            th = self._driver.spawn(_worker_main, (weakref.ref(self), name, inbox), name=f"gpuctx-{name}")
+            entry = self._workers[name] = (th, inbox)
+        return entry[1]
+
+    def _others_waiting_locked(self, slot: Slot) -> bool:
+        for s in self._slots.values():
+            if s.queued and not s.busy and s is not slot:
+                return True
+        return False
+
+
+
+def _victim_reason(s: Slot) -> str:
+    work = "has queued work" if (s.queued or s.pending) else "no queued work"
+    return f"{work}, {QoS.name(s.qos).lower()}, priority {s.priority}, idle"

@@ -1,0 +1,202 @@
+"""Submit: checks, admission, queue limits, dependencies and after=."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from .. import policy
+from ..errors import (
+    BudgetError,
+    ConfigError,
+    Overloaded,
+    SchedulerClosed,
+)
+from ..models import Slot
+from ..task import Task
+from ..units import format_size
+from ..task import GIL as _GIL
+from ._walkargs import _collect_tasks
+from .spec import TaskSpec
+from .state import _CANCELLED, _FAILED, _dep_error, _resolve
+
+
+class _Intake:
+    """Mixin of :class:`gpuctx.engine.Scheduler`; see the module docstring."""
+
+    def submit(self, spec: TaskSpec, args: tuple, kwargs: dict, *, block: bool = True,
+               timeout: float | None = None) -> Task:
+        """Register one call of ``spec``; returns its Task at once (or raises on bad input/overload)."""
+        deps = _collect_tasks(args, kwargs)
+        for extra in spec.after:
+            deps.extend(self._after_deps(spec, extra))
+        to_resolve: list = []
+        # Built before taking the lock: nothing else can see the task yet. Attributes left at
+        # their class defaults (no dependencies, not batched, on the GPU) cost nothing here.
+        task = Task(next(self._ids), spec.name, spec.model, spec.priority, self)
+        task._spec = spec
+        task._args, task._kwargs = args, kwargs
+        if deps:
+            task._deps = list(dict.fromkeys(deps))
+        if spec.batch_size > 1:
+            task._batch_key = spec.fn
+        # Work the caller queued on its own stream before this call (the tensors it passes, made
+        # on the default stream a moment ago) must be done before the task's stream reads them.
+        task._caller_event = self._device.record_caller()
+        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after
+                and not (spec.cuda_graph and not deps)):
+            slot = self._slots.get(spec.model)
+            if (slot is not None and slot.busy and slot.state == policy.RESIDENT and slot.max_queue is None
+                    and (spec.vram is None or spec.vram == slot.size) and not self._handlers and not self._closed
+                    and (not deps or all(d._owner is self for d in deps))):
+                return self._submit_to_draining(slot, task)
+        launch = spec.cuda_graph and not deps and self._replayable(spec, args, kwargs)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down; call gpuctx.configure() or use a new one")
+            for d in deps:
+                if d._owner is not self:
+                    raise ConfigError(f"{spec.name}(): a dependency Task #{d.id} belongs to another (shut down?) scheduler")
+            slot = self._slot_locked(spec.model)
+            on_cpu = spec.device == "cpu"
+            if not on_cpu and not (slot.state == policy.RESIDENT and (spec.vram is None or spec.vram == slot.size)
+                                   and not self._handlers):
+                # A resident model fits (the ledger charged it); anything else is checked.
+                on_cpu = self._admit_locked(slot, spec)
+            if not on_cpu and slot.max_queue is not None:
+                self._make_room_in_queue_locked(slot, spec, block, timeout, to_resolve)
+            task.submitted_at = self._clock()
+            if on_cpu:
+                task._on_cpu = True
+                task.device = "cpu"
+            else:
+                task.device = self._device.name
+            if self._link_locked(task, to_resolve):
+                launch = launch and not on_cpu and self._may_launch_here_locked(slot)
+                if launch:
+                    obj = self._begin_here_locked(slot, task)
+                else:
+                    self._make_ready_locked(task)
+                    if not slot.busy or on_cpu:   # a busy slot's worker takes it from the queue itself
+                        self._dispatch_locked()
+                    if spec.batch_size > 1:
+                        self._cond.notify_all()   # a batch that waits to fill
+            else:
+                launch = False
+        if to_resolve:
+            _resolve(to_resolve)
+        if launch:
+            self._launch_here(slot, obj, task)
+        return task
+
+    def _link_locked(self, task: Task, to_resolve: list) -> bool:
+        """Make ``task`` live (submitted at ``task.submitted_at``) and a dependent of its unfinished
+        dependencies, or fail it when one failed; True when it is ready to queue now."""
+        self._live.add(task)
+        live = self._fn_live.get(task._spec.fn)
+        if live is not None:   # some after=[this function] is watching its calls
+            live.add(task)
+        self.trace.submitted(task)
+        if not task._on_cpu:
+            self._slots[task.model].pending += 1
+        if not task._deps:
+            return True
+        for d in task._deps:
+            if d.state in (_FAILED, _CANCELLED):
+                for other in task._deps:
+                    if task in other._dependents:
+                        other._dependents.remove(task)
+                self._fail_locked(task, _dep_error(task, d), to_resolve)
+                return False
+            if not d.state.terminal:
+                if d._dependents:
+                    d._dependents.append(task)
+                else:
+                    d._dependents = [task]
+                task._ndeps += 1
+        return task._ndeps == 0
+
+    def _after_deps(self, spec: TaskSpec, item: Any) -> list[Task]:
+        if isinstance(item, Task):
+            return [item]
+        inner = getattr(item, "__gpuctx_spec__", None)
+        if inner is not None:
+            with self._cond:
+                live = self._fn_live.get(inner.fn)
+                if live is None:
+                    # First time a call waits for this function: from now on its calls are
+                    # tracked at submit; the ones already live are found once, here.
+                    live = self._fn_live[inner.fn] = weakref.WeakSet(
+                        t for t in self._live if t._spec.fn is inner.fn)
+                return [t for t in live if not t.state.terminal]
+        raise ConfigError(f"{spec.name}: after=[..., {item!r}]: expected a gpuctx.Task or a @gpu_task function")
+
+    def _admit_locked(self, slot: Slot, spec: TaskSpec) -> bool:
+        """Check the request can fit; return True to route it to the CPU instead (fallback='cpu')."""
+        if spec.vram is not None:
+            if slot.size_source in ("declared", "task") and slot.size != spec.vram:
+                where = "@gpuctx.model" if slot.size_source == "declared" else "an earlier task"
+                raise ConfigError(
+                    f"model {slot.name!r} declared with two sizes: {format_size(slot.size)} ({where}) and "
+                    f"{format_size(spec.vram)} (@gpu_task {spec.name}); give one size"
+                )
+            if slot.size_source in ("label", "auto"):
+                if slot.max_vram is not None and spec.vram > slot.max_vram:
+                    raise BudgetError(f"{spec.name}: vram={format_size(spec.vram)} is above context {slot.name!r}'s "
+                                      f"max_vram={format_size(slot.max_vram)}")
+                slot.size, slot.size_source = spec.vram, "task"
+        try:
+            self._check_fits_locked(slot, slot.size, what=f"{spec.name} (model {slot.name!r})")
+        except BudgetError:
+            if spec.fallback == "cpu":
+                return True
+            raise
+        if slot.state in (policy.RESIDENT, policy.LOADING) or not self._handlers:
+            return False
+        snap = self._snapshot_locked()
+        free = policy.free_bytes(snap)
+        view = next(v for v in snap.slots if v.name == slot.name)
+        need = policy.need_bytes(view)
+        if need <= free or policy.choose_victims(snap.slots, need - free, requester=view) is not None:
+            return False
+        if spec.fallback == "cpu":
+            return True
+        for handler in self._handlers:
+            if not handler(slot, slot.size, free):
+                raise BudgetError(
+                    f"{spec.name}: memory pressure handler {getattr(handler, '__name__', handler)!r} refused "
+                    f"{format_size(slot.size)} for {slot.name!r}; {format_size(free)} free of {format_size(self.budget)}"
+                )
+        return False
+
+    def _make_room_in_queue_locked(self, slot: Slot, spec: TaskSpec, block: bool, timeout: float | None,
+                                   to_resolve: list) -> None:
+        if slot.max_queue is None:
+            return
+        def full() -> bool:
+            return slot.queued + slot.pending >= slot.max_queue
+        if not full():
+            return
+        policy_name = slot.overflow
+        if policy_name == "drop_oldest":
+            victim = slot.oldest_queued()
+            if victim is not None:
+                self._fail_locked(victim, Overloaded(
+                    f"{victim.name} (Task #{victim.id}): dropped from {slot.name!r}'s full queue "
+                    f"(max_queue={slot.max_queue}, overflow='drop_oldest') for newer work"), to_resolve)
+                return
+            policy_name = "reject"  # only tasks waiting for dependencies fill it: nothing to drop
+        if policy_name == "block" and block:
+            deadline = None if timeout is None else self._clock() + timeout
+            while full() and not self._closed:
+                left = None if deadline is None else deadline - self._clock()
+                if left is not None and left <= 0:
+                    raise Overloaded(f"{spec.name}: {slot.name!r}'s queue stayed full (max_queue={slot.max_queue}) for {timeout} s")
+                self._cond.wait(left)
+            if self._closed:
+                raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down while waiting for queue room")
+            return
+        raise Overloaded(
+            f"{spec.name}: {slot.name!r}'s queue is full ({slot.queued + slot.pending}/{slot.max_queue}, "
+            f"overflow={slot.overflow!r}{', try_submit never waits' if not block else ''})"
+        )

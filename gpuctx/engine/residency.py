@@ -1,0 +1,215 @@
+"""Residency."""
+
+from __future__ import annotations
+
+import warnings
+
+from .. import policy
+from ..errors import (
+    BudgetError,
+    ConfigError,
+    ModelLoadError,
+)
+from ..models import Slot
+from ..units import format_size
+from .spec import _Frame, _current
+from .state import _resolve, slot_to
+
+
+class _Residency:
+    """Mixin of :class:`gpuctx.engine.Scheduler`; see the module docstring."""
+
+    def _make_resident(self, slot: Slot) -> bool:
+        """Load, restore, or (for a label) just charge ``slot``; False if it failed (tasks already failed)."""
+        with self._cond:
+            if slot.state == policy.RESIDENT:
+                return True
+            size = slot.size
+            if slot.size_source == "auto" and slot.loads == 0:
+                size = max(0, policy.free_bytes(self._snapshot_locked()) + self._ledger.claims.get(slot.name, 0))
+            while not self._ledger.can_activate(slot.name, size):
+                if self._closed:
+                    return False
+                self._cond.wait(0.5)   # victims still unloading; they notify when done
+            self._ledger.activate(slot.name, size)
+            was_offloaded = slot.state == policy.OFFLOADED
+            slot_to(slot, policy.LOADING)
+        if slot.is_label:
+            with self._cond:
+                slot_to(slot, policy.RESIDENT)
+            return True
+        t0 = self._clock()
+        with self._cond:
+            self.trace.record("load_start", model=slot.name, context=slot.name, nbytes=size, t=t0)
+        token = _current.set(_Frame(slot.name, None, self._device.name, None))
+        try:
+            measured = None
+            if was_offloaded:
+                obj = self._with_oom_retry(slot, self._device.restore, (slot.name, slot.obj))
+            else:
+                obj, measured = self._with_oom_retry(slot, self._device.load, (slot.name, slot.loader))
+        except BaseException as exc:  # noqa: BLE001 - a loader may raise anything
+            self._load_failed(slot, exc, was_offloaded)
+            return False
+        finally:
+            _current.reset(token)
+        dt = self._clock() - t0
+        warn, victims = None, ()
+        with self._cond:
+            slot.obj = obj
+            slot_to(slot, policy.RESIDENT)
+            slot.loads += 1
+            slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
+            if measured is not None or slot.size_source == "auto":
+                warn, victims = self._apply_measured_locked(slot, measured)
+            kind = "restore" if was_offloaded else "load_end"
+            self.trace.record(kind, model=slot.name, context=slot.name, nbytes=self._ledger.used.get(slot.name, 0),
+                              duration=dt, vram=self._ledger.committed())
+        for v in victims:
+            self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
+        if warn:
+            warnings.warn(warn, RuntimeWarning, stacklevel=2)
+        return True
+
+    def _apply_measured_locked(self, slot: Slot, measured: int | None) -> tuple[str | None, tuple[str, ...]]:
+        """Count what the load really took; warn when the declaration was >10% low; evict to stay in budget."""
+        if measured is None:   # "auto" on a device that cannot measure
+            self._ledger.grow(slot.name, 0)
+            slot.size, slot.size_source = 0, "measured"
+            return (f"model {slot.name!r}: vram='auto' cannot be measured on device {self._device.name!r}; "
+                    "counting 0 bytes (declare vram= to budget it)"), ()
+        warn = None
+        if slot.size_source != "auto" and measured > slot.size * 1.10:
+            warn = (f"model {slot.name!r}: measured {format_size(measured)} at load, more than 10% above the declared "
+                    f"vram={format_size(slot.size)}; using the measured size")
+        if slot.size_source == "auto" or measured > slot.size:
+            slot.size, slot.size_source = measured, "measured"
+        over = self._ledger.grow(slot.name, slot.size)
+        if not over:
+            return warn, ()
+        snap = self._snapshot_locked()
+        me = next(v for v in snap.slots if v.name == slot.name)
+        victims = policy.choose_victims(snap.slots, over, requester=me)
+        if victims is None:
+            return (warn or "") + (f" model {slot.name!r} took {format_size(measured)}: the budget is exceeded by "
+                                   f"{format_size(over)} and no idle model can be evicted"), ()
+        for v in victims:
+            self._mark_evicting_locked(self._slots[v], f"room for {slot.name!r}'s measured size")
+        return warn, victims
+
+    def _load_failed(self, slot: Slot, exc: BaseException, was_offloaded: bool) -> None:
+        to_resolve: list = []
+        with self._cond:
+            slot_to(slot, policy.ABSENT)
+            slot.obj = None
+            self._ledger.release(slot.name)
+            err = ModelLoadError(
+                f"model {slot.name!r}: {'restore' if was_offloaded else 'loader'} raised {type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            while True:
+                t = slot.pop()
+                if t is None:
+                    break
+                slot.queued += 1  # _fail_locked withdraws it again
+                self._fail_locked(t, err, to_resolve)
+            self.trace.record("unload", model=slot.name, reason="load failed", vram=self._ledger.committed())
+            self._cond.notify_all()
+        _resolve(to_resolve)
+
+    def _evict_marked(self, slot: Slot, reason: str, keep_host_copy: bool = True) -> None:
+        """Unload (or offload, unless ``keep_host_copy`` is False) a slot already marked EVICTING;
+        update the ledger; never raises."""
+        obj = slot.obj
+        nbytes = self._ledger.used.get(slot.name, 0)
+        t0 = self._clock()
+        offloaded = False
+        warn = None
+        try:
+            if keep_host_copy and obj is not None and self.config.offload and slot.offload is not False and self._device.can_offload(obj):
+                try:
+                    obj = self._device.offload(slot.name, obj)
+                    offloaded = True
+                except BudgetError:
+                    offloaded = False   # host budget full: drop it instead
+            if not offloaded:
+                if slot.unloader is not None and obj is not None:
+                    try:
+                        slot.unloader(obj)
+                    except Exception as exc:  # noqa: BLE001
+                        warn = f"model {slot.name!r}: unload raised {type(exc).__name__}: {exc}; its object was dropped anyway"
+                slot.obj = None
+                if obj is not None:
+                    holder, obj = [obj], None   # the device pops it: no reference left here
+                    report = self._device.release(slot.name, holder, nbytes)
+                    if report.still_referenced:
+                        warn = (f"model {slot.name!r} was evicted but its object is still referenced elsewhere "
+                                f"(a notebook variable?); {format_size(nbytes)} stay allocated until that reference is dropped")
+            else:
+                self._device.empty_caches()
+        finally:
+            dt = self._clock() - t0
+            with self._cond:
+                slot.obj = obj if offloaded else None
+                slot_to(slot, policy.OFFLOADED if offloaded else policy.ABSENT)
+                self._ledger.release(slot.name)
+                self.trace.record("offload" if offloaded else "unload", model=slot.name, context=slot.name,
+                                  nbytes=nbytes, reason=reason, duration=dt, vram=self._ledger.committed())
+                self._cond.notify_all()
+                self._dispatch_locked()
+        if warn:
+            warnings.warn(warn, RuntimeWarning, stacklevel=3)
+
+    def evict(self, name: str | None = None, *, reason: str = "asked") -> list[str]:
+        """Evict model ``name`` (or every idle, unpinned model when None) now; returns what was evicted."""
+        with self._cond:
+            if name is not None:
+                s = self._slots.get(name)
+                if s is None:
+                    raise ConfigError(f"evict({name!r}): no such model; known: {', '.join(sorted(self._slots)) or 'none'}")
+                if s.busy:
+                    raise ConfigError(f"evict({name!r}): the model is in use by a running task; wait for it first")
+                if s.state != policy.RESIDENT or s.is_label:
+                    return []
+                targets = [s]
+            else:
+                targets = [s for s in self._slots.values() if s.state == policy.RESIDENT and not s.busy and not s.pin and not s.is_label]
+            for s in targets:
+                self._mark_evicting_locked(s, reason)
+        for s in targets:
+            self._evict_marked(s, reason)
+        return [s.name for s in targets]
+
+    def _housekeep(self) -> None:
+        """Unload models idle for longer than their keep_alive (woken at group ends and config changes)."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = self._clock()
+                due, next_at = [], None
+                for s in self._slots.values():
+                    ka = s.keep_alive if s.keep_alive is not None else self.config.keep_alive
+                    if ka is None or s.pin or s.busy or s.state != policy.RESIDENT or s.is_label or s.queued:
+                        continue
+                    at = s.last_used + ka
+                    if at <= now:
+                        self._mark_evicting_locked(s, f"idle for {ka:g} s (keep_alive)")
+                        due.append(s)
+                    else:
+                        next_at = at if next_at is None else min(next_at, at)
+            for s in due:
+                self._evict_marked(s, "idle past keep_alive")
+            if not due:
+                self._hk_wake.wait(None if next_at is None else max(0.001, next_at - now))
+                self._hk_wake.clear()
+
+    def _free_for_oom(self, slot: Slot) -> None:
+        with self._cond:
+            snap = self._snapshot_locked()
+            victims = policy.order_victims_for_oom(snap.slots, keep=slot.name)
+            for v in victims:
+                self._mark_evicting_locked(self._slots[v], "out of memory in " + repr(slot.name))
+        for v in victims:
+            self._evict_marked(self._slots[v], reason="out of memory in " + repr(slot.name))
+        self._device.empty_caches()

@@ -1,0 +1,210 @@
+"""Facade."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Callable, Iterable
+
+from .. import policy
+from ..errors import (
+    ConfigError,
+)
+from ..models import Slot
+from ..task import Task
+from ..units import format_size
+from ..device import Device
+from ..ledger import Ledger
+from ..trace import Trace
+from ..device import make_device
+from ._guard import _IntakeGate
+from .dispatch import _Dispatch
+from .drivers import ThreadedDriver
+from .execute import _Execution
+from .group import _Groups, _STOP
+from .intake import _Intake
+from .registry import _Registry
+from .residency import _Residency
+from .session import Session
+from .spec import Config
+from .state import _QUEUED, _Transitions, _WAITING, _resolve
+
+
+class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency, _Execution, _Transitions):
+    """One per kernel: accepts tasks, keeps VRAM within budget, runs groups on per-slot workers.
+
+    Args:
+        config: the settings (see :func:`gpuctx.configure`).
+        device: the device backend; by default the one ``config.device`` names.
+        clock: seconds, for the trace and the policy; by default the driver's clock.
+        driver: what runs the engine: real threads (the default) or a virtual clock.
+    """
+
+    def __init__(self, config: Config | None = None, device: Device | None = None,
+                 clock: Callable[[], float] | None = None, driver: Any = None) -> None:
+        self.config = config or Config()
+        self._driver = driver if driver is not None else ThreadedDriver()
+        self._device: Device = device if device is not None else make_device(self.config.device, self.config.budget)
+        _apply_host_budget(self._device, self.config.host_budget)
+        clock = clock if clock is not None else self._driver.clock
+        self._clock = clock
+        self._cond = self._driver.guard(self._ingest_locked)
+        self._slots: dict[str, Slot] = {}
+        self._ledger = Ledger(self._compute_budget())
+        self._live: set[Task] = set()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._cancel_on_close = False
+        self._workers: dict[str, tuple[Any, Any]] = {}   # name -> (thread handle, inbox)
+        self._cpu_pool: Any = None
+        self._handlers: list[Callable[[Any, int, int], bool]] = []
+        self._graph_runners: dict[Any, Callable] = {}
+        self._fn_live: dict[Callable, "weakref.WeakSet[Task]"] = {}
+        self.trace = Trace(self.config.trace_capacity, clock=clock)
+        self.trace.budget = self._ledger.budget
+        self._hk_wake = self._driver.event()
+        self._housekeeper = self._driver.spawn(self._housekeep, name="gpuctx-housekeeper")
+
+    def _compute_budget(self) -> int:
+        raw = self._device.capacity() if self.config.budget is None else self.config.budget
+        return int(raw * self.config.safety_factor)
+
+    @property
+    def budget(self) -> int:
+        """Bytes the scheduler may keep committed (capacity x safety factor)."""
+        return self._ledger.budget
+
+    @property
+    def device(self) -> Device:
+        """The device backend."""
+        return self._device
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Apply new settings to the running scheduler; ConfigError when a change is unsafe now."""
+        new = Config.build(self.config, **changes)
+        with self._cond:
+            device = self._device
+            if new.device != self.config.device:
+                if any(s.state != policy.ABSENT for s in self._slots.values()) or self._live:
+                    raise ConfigError(
+                        f"device={new.device!r}: cannot change the device while models are loaded or tasks are live; "
+                        "call gpuctx.shutdown() first"
+                    )
+                device = make_device(new.device, new.budget)
+            raw = device.capacity() if new.budget is None else new.budget
+            budget = int(raw * new.safety_factor)
+            if budget < self._ledger.committed():
+                raise ConfigError(
+                    f"budget={format_size(raw)} x safety_factor={new.safety_factor} = {format_size(budget)} is below "
+                    f"what is committed now ({format_size(self._ledger.committed())}); evict models first"
+                )
+            if device is not self._device:
+                self._device.close()
+                self._device = device
+            self.config = new
+            _apply_host_budget(self._device, new.host_budget)
+            self._hk_wake.set()
+            self._ledger.budget = budget
+            self.trace.budget = budget
+            if new.trace_capacity != self.trace.capacity:
+                self.trace.resize(new.trace_capacity)
+            self._cond.notify_all()
+            self._dispatch_locked()
+
+    def params(self) -> policy.PolicyParams:
+        """The policy knobs from the config."""
+        c = self.config
+        return policy.PolicyParams(max_wait=c.max_wait, aging=c.aging, latency_priority=c.latency_priority)
+
+    def session(self, model: str, *, vram: int | str | None = None, priority: int = 0,
+                after: Iterable[Task] = (), name: str | None = None) -> "Session":
+        """A context manager (sync and async) that waits for ``model``'s turn and holds it for the body."""
+        return Session(self, model, vram=vram, priority=priority, after=tuple(after), name=name)
+
+    def tasks(self) -> list[Task]:
+        """Tasks not yet finished, oldest first."""
+        with self._cond:
+            return sorted(self._live, key=lambda t: t.id)
+
+    def snapshot(self) -> policy.Snapshot:
+        """The policy's view of the scheduler now."""
+        with self._cond:
+            return self._snapshot_locked()
+
+    def slots(self) -> list[Slot]:
+        """All slots (models, contexts, labels)."""
+        with self._cond:
+            return list(self._slots.values())
+
+    def committed(self) -> int:
+        """Bytes the ledger counts now."""
+        with self._cond:
+            return self._ledger.committed()
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        """False, with reasons, when a queue is 80% full or more."""
+        with self._cond:
+            reasons = [
+                f"{s.name!r} queue {s.queued + s.pending}/{s.max_queue}"
+                for s in self._slots.values()
+                if s.max_queue and (s.queued + s.pending) >= 0.8 * s.max_queue
+            ]
+        return (not reasons, reasons)
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, unload: bool = True) -> None:
+        """Stop accepting work; optionally cancel what is queued; wait; unload every model."""
+        to_resolve: list = []
+        with self._cond:
+            if self._closed and not self._workers:
+                return
+            self._closed = True
+            self._take_intake_locked()   # what was submitted without the lock before the close
+            self._cancel_on_close = cancel_pending
+            self._hk_wake.set()
+            if cancel_pending:
+                for t in sorted(self._live, key=lambda t: t.id):
+                    if t.state in (_WAITING, _QUEUED):
+                        self._fail_locked(t, None, to_resolve, cancelled=True)  # type: ignore[arg-type]
+            self._cond.notify_all()
+        _resolve(to_resolve)
+        if wait:
+            with self._cond:
+                while self._live or any(s.busy for s in self._slots.values()):
+                    self._cond.wait(0.5)
+        for _, inbox in list(self._workers.values()):
+            inbox.put((_STOP, (), 0))
+        if wait:
+            for th, _ in list(self._workers.values()):
+                if not self._driver.is_current(th):
+                    self._driver.join(th, timeout=10)
+        self._workers.clear()
+        if unload:
+            with self._cond:
+                targets = [s for s in self._slots.values() if s.state in (policy.RESIDENT, policy.OFFLOADED) and not s.busy]
+                for s in targets:
+                    self._mark_evicting_locked(s, "shutdown")
+            for s in targets:
+                self._evict_marked(s, "shutdown", keep_host_copy=False)
+        if self._cpu_pool is not None:
+            self._cpu_pool.shutdown(wait=wait)
+        with self._cond:
+            self._cond.notify_all()
+        if wait and not self._driver.is_current(self._housekeeper):
+            self._driver.join(self._housekeeper, timeout=5)
+        self._device.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after shutdown."""
+        return self._closed
+
+    def synchronize(self, event: Any) -> None:
+        """Block until the device has reached ``event`` (see :class:`gpuctx.task.TaskOwner`)."""
+        self._device.synchronize(event)
+
+
+
+def _apply_host_budget(device: Device, host_budget: int | None) -> None:
+    """Pass configure(host_budget=...) to a device that offloads to host RAM."""
+    if hasattr(device, "host_budget"):
+        device.host_budget = host_budget
