@@ -1,43 +1,43 @@
-"""The scheduling policy on a virtual clock: deterministic replays for benchmarks and what-if planning.
+"""The engine on a virtual clock: deterministic replays of a workload, for tests and what-if planning.
 
-:func:`simulate` drives the very functions the live scheduler uses (:func:`policy.plan`
-and :func:`policy.should_yield`) with a discrete-event loop: a task arrives, becomes
-ready when its dependencies end, a group loads its model (``load_s`` seconds) after
-evicting the victims the plan named, then runs its ready tasks one after another until
-its queue is empty or the policy says yield. Different models run concurrently when the
-budget holds them. Nothing sleeps; the same inputs give the same result.
+:func:`simulate` runs a workload through the live engine, :class:`gpuctx.engine.Scheduler`, under
+:class:`~gpuctx.engine.VirtualDriver` with a fake device whose loads, unloads and task bodies take
+the declared seconds. Nothing here decides anything: the plan, the groups, the evictions and the
+waits are the engine's own, so a simulated run and a live one of the same workload make the same
+loads and evictions in the same order (``tests/test_sim.py`` checks it against real threads and
+real sleeps). Nothing sleeps for real; the same inputs give the same result.
 
-Baselines, simulated on the same workload:
-
-``fifo_lru``   one task at a time in submission order; a missing model is loaded after
-               evicting least-recently-used ones (what model multiplexing with an LRU
-               cache does, e.g. Ray Serve's).
-``ollama``     the same order, but a model stays loaded while it has queued work and
-               the one idle longest is evicted first (keep-alive ordering).
+The same :func:`run` takes a real :class:`~gpuctx.engine.ThreadedDriver` and a time scale: that is
+the live side of the comparison. The baselines (the seed's policy, Ollama's, Ray Serve's...) are
+live re-implementations in ``bench/baselines.py``, not simulations.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import policy
+from .device import CpuDevice, ReleaseReport
+from .engine import Config, Scheduler, TaskSpec, ThreadedDriver, VirtualDriver
+from .task import wait_tasks
 from .units import GB
 
-__all__ = ["SimModel", "SimTask", "SimResult", "simulate", "lower_bound_loads",
+__all__ = ["SimModel", "SimTask", "SimResult", "simulate", "run", "live", "lower_bound_loads",
            "interleaved", "video_pipeline", "chat_traffic", "random_dag"]
 
 
 @dataclass(frozen=True)
 class SimModel:
-    """A model: size in bytes and seconds to load it."""
+    """A model: size in bytes, seconds to load it and to unload it."""
 
     name: str
     size: int
     load_s: float
     priority: int = 0
+    unload_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,14 @@ class SimTask:
 
 @dataclass
 class SimResult:
-    """What a simulated run cost."""
+    """What a run cost, in the workload's seconds."""
 
     loads: int = 0
+    evictions: int = 0
     switches: int = 0
     makespan: float = 0.0
     peak: int = 0
+    sequence: list[tuple[str, str]] = field(default_factory=list)   # (kind, model) of loads and unloads, in order
     waits: dict[int, float] = field(default_factory=dict)
     start: dict[int, float] = field(default_factory=dict)
     end: dict[int, float] = field(default_factory=dict)
@@ -81,160 +83,119 @@ def lower_bound_loads(tasks: list[SimTask]) -> int:
     return len({t.model for t in tasks})
 
 
-def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *, strategy: str = "gpuctx",
+class _TimedDevice(CpuDevice):
+    """The CPU device, where dropping a model takes its declared unload time."""
+
+    def __init__(self, budget: int, unload_s: dict[str, float], pause: Any) -> None:
+        super().__init__(budget)
+        self._unload_s, self._pause = unload_s, pause
+
+    def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
+        holder.pop()
+        self._pause(self._unload_s.get(name, 0.0))
+        return ReleaseReport()
+
+
+def _load(pause: Any, seconds: float, gate: Any, name: str) -> str:
+    gate.wait()
+    pause(seconds)
+    return name
+
+
+def _body(pause: Any, seconds: float, *deps: Any) -> None:
+    pause(seconds)
+
+
+def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *,
              params: policy.PolicyParams | None = None) -> SimResult:
-    """Run ``tasks`` under ``budget`` with ``strategy`` ("gpuctx", "fifo_lru" or "ollama")."""
-    by_model = {m.name: m for m in models}
+    """Run ``tasks`` through the engine on a virtual clock under ``budget`` bytes."""
+    return run(models, tasks, budget, params=params)
+
+
+def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: Any = None, scale: float = 1.0,
+        params: policy.PolicyParams | None = None) -> SimResult:
+    """Run a workload through the engine, on ``driver`` (a new virtual one by default).
+
+    With a :class:`~gpuctx.engine.ThreadedDriver`, every declared time is slept for real, times
+    ``scale``; the result is given in the workload's seconds either way. Every load waits until
+    the whole of what arrives at time 0 is submitted, so that a live run does not start planning
+    before the workload is in (the virtual driver gets there by construction).
+    """
     for m in models:
         if m.size > budget:
             raise ValueError(f"model {m.name!r} ({m.size} bytes) can never fit the budget {budget}")
-    if strategy == "gpuctx":
-        return _Gpuctx(by_model, tasks, budget, params or policy.PolicyParams()).run()
-    if strategy in ("fifo_lru", "ollama"):
-        return _serial(by_model, tasks, budget, strategy)
-    raise ValueError(f"strategy={strategy!r}: expected 'gpuctx', 'fifo_lru' or 'ollama'")
+    driver = driver if driver is not None else VirtualDriver()
+    virtual = isinstance(driver, VirtualDriver)
+    params = params or policy.PolicyParams()
+    pause = functools.partial(_scaled_sleep, driver.sleep, scale)
+    config = Config(budget=budget, safety_factor=1.0, device="cpu", max_wait=params.max_wait * scale,
+                    aging=params.aging * scale, latency_priority=params.latency_priority, offload=False)
+    sched = Scheduler(config, device=_TimedDevice(budget, {m.name: m.unload_s for m in models}, pause), driver=driver)
+    gate = driver.event()
+    try:
+        for m in models:
+            sched.register_model(m.name, functools.partial(_load, pause, m.load_s, gate, m.name), vram=m.size,
+                                 priority=m.priority)
+        specs: dict[tuple[str, int], TaskSpec] = {}
+        handles: dict[int, Any] = {}
+        t0 = driver.clock()
+        by_id = {t.id: t for t in tasks}
+        arrives: dict[int, float] = {}   # a call cannot be made before the calls it takes as arguments
+        for t in sorted(tasks, key=lambda t: t.id):
+            arrives[t.id] = max([t.arrival] + [arrives[d] for d in t.deps])
+        for tid in sorted(arrives, key=lambda i: (arrives[i], i)):
+            t = by_id[tid]
+            if arrives[tid] > 0:
+                gate.set()
+                ahead = arrives[tid] * scale - (driver.clock() - t0)
+                if ahead > 0:
+                    driver.sleep(ahead)
+            spec = specs.get((t.model, t.priority))
+            if spec is None:
+                spec = specs[(t.model, t.priority)] = TaskSpec(fn=_body, name=t.model, model=t.model,
+                                                                priority=t.priority)
+            handles[t.id] = sched.submit(spec, (pause, t.run_s, *(handles[d] for d in t.deps)), {})
+        gate.set()
+        if virtual:
+            driver.run_until_idle()
+        else:
+            wait_tasks(list(handles.values()))
+        return _result(sched, handles, t0, scale)
+    finally:
+        gate.set()
+        if not (virtual and driver.failure):   # after a livelock the frozen run is left behind
+            sched.shutdown()
 
 
-class _Gpuctx:
-    """Discrete-event driver of policy.plan / policy.should_yield."""
-
-    def __init__(self, models: dict[str, SimModel], tasks: list[SimTask], budget: int,
-                 params: policy.PolicyParams) -> None:
-        self.models, self.budget, self.params = models, budget, params
-        self.tasks = {t.id: t for t in tasks}
-        self.state = {m: policy.ABSENT for m in models}
-        self.busy = {m: False for m in models}
-        self.last_used = {m: 0.0 for m in models}
-        self.queue: dict[str, list] = {m: [] for m in models}
-        self.ready_at: dict[int, float] = {}
-        self.waiting = {t.id: len(t.deps) for t in tasks}
-        self.dependents: dict[int, list[int]] = {t.id: [] for t in tasks}
-        for t in tasks:
-            for d in t.deps:
-                self.dependents[d].append(t.id)
-        self.pending = {m: 0 for m in models}
-        for t in tasks:
-            self.pending[t.model] += 1
-        self.events: list = []
-        self.seq = itertools.count()
-        self.r = SimResult()
-        self.last_group: str | None = None
-
-    def push(self, t: float, kind: str, payload: object) -> None:
-        heapq.heappush(self.events, (t, next(self.seq), kind, payload))
-
-    def used(self, m: str) -> int:
-        return self.models[m].size if self.state[m] in (policy.RESIDENT, policy.LOADING) else 0
-
-    def snapshot(self, now: float) -> policy.Snapshot:
-        views = []
-        for name, m in self.models.items():
-            q = self.queue[name]
-            views.append(policy.SlotView(
-                name=name, size=m.size, state=self.state[name], used=self.used(name), busy=self.busy[name],
-                priority=m.priority, last_used=self.last_used[name], load_cost=m.load_s, queued=len(q),
-                pending=self.pending[name] - len(q), head_priority=max((-p for p, *_ in q), default=0),
-                oldest=min((self.ready_at[i] for *_, i in q), default=now)))
-        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params)
-
-    def ready(self, tid: int, now: float) -> None:
-        t = self.tasks[tid]
-        self.ready_at[tid] = now
-        heapq.heappush(self.queue[t.model], (-t.priority, t.arrival, tid))
-
-    def dispatch(self, now: float) -> None:
-        for start in policy.plan(self.snapshot(now)):
-            for v in start.evict:
-                self.state[v] = policy.ABSENT
-            m = start.slot
-            self.busy[m] = True
-            if self.last_group is not None and self.last_group != m:
-                self.r.switches += 1
-            self.last_group = m
-            if self.state[m] == policy.RESIDENT:
-                self.next_task(m, now)
-            else:
-                self.state[m] = policy.LOADING
-                self.r.loads += 1
-                self.push(now + self.models[m].load_s, "loaded", m)
-            self.r.peak = max(self.r.peak, sum(self.used(x) for x in self.models))
-            if self.r.peak > self.budget:
-                raise AssertionError(f"budget exceeded: {self.r.peak} > {self.budget}")
-
-    def next_task(self, m: str, now: float) -> None:
-        q = self.queue[m]
-        if not q or policy.should_yield(self.snapshot(now), m):
-            self.busy[m] = False
-            self.last_used[m] = now
-            return
-        _, _, tid = heapq.heappop(q)
-        self.pending[m] -= 1
-        self.r.start[tid] = now
-        self.r.waits[tid] = now - self.ready_at[tid]
-        self.push(now + self.tasks[tid].run_s, "done", tid)
-
-    def run(self) -> SimResult:
-        for t in self.tasks.values():
-            self.push(t.arrival, "arrive", t.id)
-        while self.events:
-            now, _, kind, payload = heapq.heappop(self.events)
-            if kind == "arrive":
-                if self.waiting[payload] == 0:
-                    self.ready(payload, now)
-            elif kind == "loaded":
-                self.state[payload] = policy.RESIDENT
-                self.next_task(payload, now)
-            else:
-                tid = payload
-                self.r.end[tid] = now
-                for d in self.dependents[tid]:
-                    self.waiting[d] -= 1
-                    if self.waiting[d] == 0 and self.tasks[d].arrival <= now:
-                        self.ready(d, now)
-                m = self.tasks[tid].model
-                self.last_used[m] = now
-                self.next_task(m, now)
-            self.dispatch(now)
-            self.r.makespan = max(self.r.makespan, now)
-        if len(self.r.end) != len(self.tasks):
-            raise AssertionError(f"{len(self.tasks) - len(self.r.end)} tasks never ran")
-        return self.r
+def _scaled_sleep(sleep: Any, scale: float, seconds: float) -> None:
+    if seconds > 0:
+        sleep(seconds * scale)
 
 
-def _serial(models: dict[str, SimModel], tasks: list[SimTask], budget: int, strategy: str) -> SimResult:
-    """One task at a time in submission order (ready tasks only), LRU or keep-alive eviction."""
+def _result(sched: Scheduler, handles: dict[int, Any], t0: float, scale: float) -> SimResult:
     r = SimResult()
-    resident: dict[str, float] = {}          # model -> last used
-    done: set[int] = set()
-    todo = sorted(tasks, key=lambda t: (t.arrival, t.id))
-    now, last = 0.0, None
-    while todo:
-        task = next(t for t in todo if all(d in done for d in t.deps))
-        todo.remove(task)
-        now = max(now, task.arrival)
-        ready = max([task.arrival] + [r.end[d] for d in task.deps])
-        if task.model not in resident:
-            while sum(models[m].size for m in resident) + models[task.model].size > budget:
-                if strategy == "ollama":
-                    busy = {t.model for t in todo}
-                    victim = min(resident, key=lambda m: (m in busy, resident[m]))
-                else:
-                    victim = min(resident, key=resident.get)
-                del resident[victim]
-            now += models[task.model].load_s
-            r.loads += 1
-        if last is not None and last != task.model:
-            r.switches += 1
-        last = task.model
-        r.start[task.id] = now
-        r.waits[task.id] = now - ready
-        now += task.run_s
-        r.end[task.id] = now
-        resident[task.model] = now
-        done.add(task.id)
-        r.peak = max(r.peak, sum(models[m].size for m in resident))
-    r.makespan = now
+    for tid, task in handles.items():
+        if task.exception() is not None:
+            raise RuntimeError(f"task {tid} failed in the run: {task.exception()!r}")
+        r.start[tid] = (task.started_at - t0) / scale
+        r.end[tid] = (task.ended_at - t0) / scale
+        r.waits[tid] = (task.started_at - task.ready_at) / scale
+    for e in sched.trace.events:
+        if e.kind in ("load_end", "restore", "unload", "offload"):
+            r.sequence.append(("load" if e.kind in ("load_end", "restore") else "unload", e.model))
+    stats = sched.trace.stats.as_dict()
+    r.loads = sum(1 for k, _ in r.sequence if k == "load")
+    r.evictions = sum(m["evictions"] for m in stats["models"].values())
+    r.switches = stats["model_switches"]
+    r.peak = stats["peak_vram"]
+    r.makespan = max(r.end.values(), default=0.0)
     return r
+
+
+def live(models: list[SimModel], tasks: list[SimTask], budget: int, *, scale: float = 1.0,
+         params: policy.PolicyParams | None = None) -> SimResult:
+    """The same workload on real threads, sleeping every declared time x ``scale``."""
+    return run(models, tasks, budget, driver=ThreadedDriver(), scale=scale, params=params)
 
 
 # --------------------------------------------------------------------------- standard workloads

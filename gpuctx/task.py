@@ -108,7 +108,7 @@ class Task(Future):
     _ndeps = 0                                # dependencies not finished yet
     _dependents: Any = ()                     # Tasks waiting for this one (a list once one waits)
     _batch_key: Any = None
-    _ready_at = 0.0
+    _ready_at: float | None = None
     _on_cpu = False
     _caller_event: Any = None                 # CUDA event on the submitter's stream
     _event: Any = None                        # CUDA event recorded on the producing stream
@@ -190,6 +190,11 @@ class Task(Future):
         return super().cancel()
 
     # -- display ----------------------------------------------------------------
+    @property
+    def ready_at(self) -> float | None:
+        """When its dependencies were done and it entered its model's queue (None before)."""
+        return self._ready_at
+
     @property
     def wait_time(self) -> float | None:
         """Seconds from submit to start (None until it starts)."""

@@ -1,33 +1,48 @@
-"""The policy on a virtual clock: scheduling quality against baselines, budget, order, starvation."""
+"""The engine on a virtual clock (gpuctx.sim): the same engine as live, so the same decisions."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuctx import policy
-from gpuctx.sim import (SimModel, SimTask, chat_traffic, interleaved, lower_bound_loads, random_dag, simulate,
-                        video_pipeline)
+from gpuctx.engine import Deadlock, IllegalTransition, VirtualDriver
+from gpuctx.engine.state import slot_to
+from gpuctx.models import Slot
+from gpuctx.task import TaskState
+from gpuctx.sim import SimModel, SimTask, chat_traffic, live, random_dag, simulate, video_pipeline
 from gpuctx.units import GB
 
 
-def test_interleaved_five_models_load_near_the_minimum_and_far_below_fifo_lru():
-    models, tasks = interleaved(5, 20)
-    g = simulate(models, tasks, 4 * GB)                 # holds two of the five models
-    naive = simulate(models, tasks, 4 * GB, strategy="fifo_lru")
-    assert g.loads <= lower_bound_loads(tasks) + 1
-    assert naive.loads >= 3 * g.loads
-    assert g.makespan < naive.makespan
+def _mixed_workload():
+    """Three models, interleaved calls, dependencies across models and a second wave later on."""
+    models = [SimModel("a", 4 * GB, 0.05, unload_s=0.01), SimModel("b", 4 * GB, 0.08, unload_s=0.01),
+              SimModel("c", 3 * GB, 0.03, unload_s=0.01)]
+    tasks = []
+    for i in range(12):
+        m = "abc"[i % 3]
+        tasks.append(SimTask(i, m, 0.0, 0.01 + 0.005 * (i % 2), (i - 2,) if m == "c" and i >= 2 else ()))
+    tasks += [SimTask(12, "b", 0.3, 0.01), SimTask(13, "a", 0.3, 0.01, deps=(12,))]
+    return models, tasks
 
 
-def test_video_pipeline_from_tight_to_loose_budgets():
-    models, tasks = video_pipeline(20)
-    for budget in (6, 8, 10, 14, 20):
-        g = simulate(models, tasks, budget * GB)
-        naive = simulate(models, tasks, budget * GB, strategy="fifo_lru")
-        assert g.peak <= budget * GB
-        assert g.loads <= naive.loads, budget
-        assert g.makespan <= naive.makespan, budget
+@pytest.mark.parametrize("budget", [5 * GB, 8 * GB])   # one model at a time; two at once
+def test_virtual_and_threaded_drivers_make_the_same_loads_and_evictions_in_the_same_order(budget):
+    models, tasks = _mixed_workload()
+    virtual = simulate(models, tasks, budget)
+    real = live(models, tasks, budget)             # real threads, real sleeps of the same seconds
+    assert real.sequence == virtual.sequence
+    assert virtual.loads == sum(1 for k, _ in virtual.sequence if k == "load") >= 3
+    assert abs(real.makespan - virtual.makespan) <= 0.25 * virtual.makespan
+    assert set(real.end) == set(virtual.end) == {t.id for t in tasks}
+
+
+def test_a_simulated_run_is_deterministic_and_takes_no_real_time():
+    models, tasks = video_pipeline(10)
+    first, second = simulate(models, tasks, 10 * GB), simulate(models, tasks, 10 * GB)
+    assert first.sequence == second.sequence and first.start == second.start
+    assert first.makespan > 5.0                    # seconds of virtual time, in a fraction of one real
 
 
 def test_dependencies_are_respected_and_every_task_runs_once():
@@ -40,9 +55,8 @@ def test_dependencies_are_respected_and_every_task_runs_once():
 
 @st.composite
 def workloads(draw):
-    n_models = draw(st.integers(1, 5))
-    models = [SimModel(f"m{i}", draw(st.integers(1, 4)) * GB, draw(st.floats(0.1, 5))) for i in range(n_models)]
-    n = draw(st.integers(1, 40))
+    models = [SimModel(f"m{i}", draw(st.integers(1, 4)) * GB, draw(st.floats(0, 3))) for i in range(draw(st.integers(1, 4)))]
+    n = draw(st.integers(1, 30))
     tasks = []
     for i in range(n):
         deps = tuple(sorted(set(draw(st.lists(st.integers(0, max(0, i - 1)), max_size=2))))) if i else ()
@@ -51,7 +65,7 @@ def workloads(draw):
     return models, tasks, draw(st.integers(4, 10)) * GB
 
 
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=40, derandomize=True, deadline=None)
 @given(workloads())
 def test_budget_is_never_exceeded_on_random_workloads(w):
     models, tasks, budget = w
@@ -66,17 +80,34 @@ def test_higher_priority_starts_first_across_models():
     assert r.start[2] < r.start[0]
 
 
-def test_no_starvation_bound_behind_a_busy_resident_model():
-    params = policy.PolicyParams(max_wait=5.0, aging=1000.0)
-    models = [SimModel("hot", 3 * GB, 1.0), SimModel("cold", 3 * GB, 2.0)]
-    tasks = [SimTask(i, "hot", i * 0.5, 0.5) for i in range(200)]   # a never-ending stream
-    tasks.append(SimTask(999, "cold", 1.0, 0.5))
-    r = simulate(models, tasks, 4 * GB, params=params)
-    assert r.waits[999] <= params.max_wait + 0.5 + 2.0
+def test_a_spinning_engine_is_reported_as_a_livelock_not_a_hang():
+    driver = VirtualDriver()
+    driver.spin_limit = 1000
+    guard = driver.guard(lambda: None)
+
+    def spin() -> None:
+        while True:
+            with guard:
+                pass
+
+    driver.spawn(spin, name="spinner")
+    with pytest.raises(Deadlock, match="spinner took the engine's lock 1000 times"):
+        driver.run_until_idle()
 
 
-def test_chat_traffic_loads_no_more_than_fifo_lru():
-    models, tasks = chat_traffic(150)
-    g = simulate(models, tasks, 8 * GB)
-    naive = simulate(models, tasks, 8 * GB, strategy="fifo_lru")
-    assert g.loads <= naive.loads
+def test_illegal_slot_and_task_moves_raise_naming_both_states(fresh):
+    s = Slot(name="m", loader=lambda: 1)
+    with pytest.raises(IllegalTransition, match=r"model 'm': cannot move from 'absent' to 'resident'"):
+        slot_to(s, policy.RESIDENT)
+    slot_to(s, policy.LOADING)
+    slot_to(s, policy.RESIDENT)
+    with pytest.raises(IllegalTransition, match="from 'resident' to 'absent'"):
+        slot_to(s, policy.ABSENT)                         # a model is evicted, not dropped
+    t = fresh.gpu_task(model="x", vram="1GB")(lambda: 1)()
+    assert t.result(10) == 1
+    sched = fresh.scheduler()
+    with sched._cond, pytest.raises(IllegalTransition, match=r"Task #\d+\): cannot move from 'done' to 'running'"):
+        sched._start_locked("x", t)
+    with sched._cond, pytest.raises(IllegalTransition, match="from 'done' to 'failed'"):
+        sched._end_locked(t, TaskState.FAILED, "exception", RuntimeError("late"), [], "failed")
+    assert t.state.value == "done" and t.result(0) == 1    # nothing changed

@@ -94,8 +94,14 @@ class _Proc:
 class VirtualDriver:
     """One process at a time on a virtual clock; see the module docstring."""
 
+    #: Lock acquisitions allowed while no virtual time passes: past this, the engine is
+    #: spinning (a livelock), which a live run would burn a core on; the run stops with Deadlock.
+    spin_limit = 200_000
+
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
+        self.failure: Deadlock | None = None
+        self._spins = 0
         self._timers: list = []                  # (time, seq, proc, token)
         self._ready: deque[_Proc] = deque()
         self._seq = itertools.count()
@@ -129,7 +135,8 @@ class VirtualDriver:
             t, _, p, token = heapq.heappop(self._timers)
             if token[0]:
                 token[0] = False
-                self.now = max(self.now, t)
+                if t > self.now:
+                    self.now, self._spins = t, 0
                 return p
         idle, self._idle_waiter = self._idle_waiter, None
         return idle
@@ -171,6 +178,21 @@ class VirtualDriver:
         me = self._me()
         self._idle_waiter = me
         self._block()
+        if self.failure is not None:
+            raise self.failure
+
+    def _spin(self) -> None:
+        """One more lock acquisition at this virtual time; freeze the process past the limit."""
+        self._spins += 1
+        if self._spins <= self.spin_limit:
+            return
+        me = self._me()
+        self.failure = Deadlock(f"virtual driver: {me.name} took the engine's lock {self.spin_limit} times while no "
+                                f"virtual time passed (a livelock) at t={self.now:g}")
+        nxt, self._idle_waiter = self._idle_waiter, None
+        if nxt is not None:
+            nxt.go.release()
+        threading.Event().wait()   # this process never runs again; the run is over
 
     def guard(self, ingest: Callable[[], None]) -> "_VirtualGuard":
         """The engine's lock and condition, on the baton."""
@@ -243,6 +265,7 @@ class _VirtualGuard:
 
     def _acquire(self) -> None:
         me = self._d._me()
+        self._d._spin()
         if self._owner is None:
             self._owner = me
             return

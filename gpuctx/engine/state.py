@@ -94,7 +94,7 @@ class _Transitions:
     def _make_ready_locked(self, task: Task) -> None:
         """``task``'s dependencies are done: into its model's queue (or the CPU pool)."""
         # A lock-free submission shows QUEUED from the start (see _guard); it was never made ready.
-        if task.state is not _WAITING and not (task.state is _QUEUED and task._ready_at == 0.0):
+        if task.state is not _WAITING and not (task.state is _QUEUED and task._ready_at is None):
             raise _illegal(_task_what(task), task.state, _QUEUED)
         task.state = _QUEUED
         task._ready_at = self._clock()
