@@ -354,3 +354,40 @@ def test_work_submitted_by_a_done_callback_keeps_the_group_going(fresh):
     assert finished.wait(TIMEOUT) and out == [50]
     groups = [e for e in gpuctx.scheduler().trace.events if e.kind == "group_start" and e.model == "m"]
     assert len(groups) == 1
+
+
+def test_a_call_published_between_the_workers_last_look_and_its_idle_mark_is_not_left_behind(fresh, lockfree):
+    """The lost wake-up of issue 14 (entry 15), injected deterministically: the worker, ending its
+    group, looks at the intake (empty); a submitter then publishes a call and sees the slot still
+    busy, so it leaves; only then does the worker mark the slot idle. The worker must look again."""
+    gpuctx.model("m", vram="1GB")(object)
+    sched = gpuctx.scheduler()
+    calls = []
+
+    @gpuctx.gpu_task(model="m")
+    def job(i):
+        return i
+
+    class LateArrival(type(sched._cond.intake)):
+        armed = False
+        looks = 0
+
+        def __len__(self):
+            n = super().__len__()
+            if self.armed and threading.current_thread().name == "gpuctx-m":
+                self.looks += 1
+                if self.looks == 3:   # the look as the group's last locked section begins, before busy=False
+                    self.armed = False
+                    calls.append(job(99))   # published now: sees the slot busy, does not dispatch
+            return n
+
+    assert job(0).result(TIMEOUT) == 0
+    sched._cond.intake = intake = LateArrival()
+
+    @gpuctx.gpu_task(model="m")
+    def arm():
+        intake.armed = True
+
+    arm().result(TIMEOUT)
+    assert len(calls) == 1 and lockfree[-1] is calls[0]   # it went the lock-free way
+    assert calls[0].result(TIMEOUT) == 99

@@ -94,6 +94,12 @@ class _IntakeGate:
         raise SchedulerClosed(f"{task.name}(): the gpuctx scheduler was shut down during this call; "
                               "call gpuctx.configure() or use a new one")
 
+    def _set_idle_locked(self, slot: Slot) -> None:
+        """The worker's half of the handshake: mark ``slot`` idle, *then* look at the intake."""
+        slot.busy = False
+        if self._cond.intake and not self._closed:
+            self._take_intake_locked()
+
     def _ingest_locked(self) -> None:
         """Move lock-free submissions into their queues (called by :class:`_Guard` on locking)."""
         if not self._closed:   # once closed, shutdown() takes the intake in itself, once

@@ -37,7 +37,7 @@ class _Groups:
             self._drain(slot)
         finally:
             with self._cond:
-                slot.busy = False
+                self._set_idle_locked(slot)
                 slot.last_used = self._clock()
                 self._ledger.claims.pop(name, None)
                 if slot.is_label and slot.state == policy.RESIDENT:
@@ -154,7 +154,7 @@ class _Groups:
         to_resolve: list = []
         with self._cond:
             self._settle_locked(task, outcome, to_resolve)
-            slot.busy = False
+            self._set_idle_locked(slot)
             slot.last_used = self._clock()
             self._dispatch_locked()   # work that arrived for this slot meanwhile went to its queue
             if self._cond._waiters:
