@@ -38,6 +38,7 @@ class _Execution:
             # here they would end this worker thread and leave the task RUNNING for good.
             if device.is_oom(exc):
                 exc = self._oom_error(slot, exc, batch[0].name, spec.oom_retries)
+            _drop_frames(exc)
             return [("err", exc)] * len(batch)
         if len(batch) == 1 and spec.batch_size <= 1:
             return [("ok", value)]
@@ -128,3 +129,30 @@ class _Execution:
 
 def _run_coroutine(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return asyncio.run(fn(*args, **kwargs))
+
+
+def _drop_frames(exc: BaseException | None, depth: int = 0) -> None:
+    """Keep ``exc``'s traceback (its lines) but not what its frames held.
+
+    A stored exception keeps its traceback, the traceback its frames, and the frames their
+    locals: the engine's hold the model object and the batch, the body's whatever it named
+    (``m = gpuctx.current_model()``). A failed Task kept by the user would keep an evicted
+    model allocated. So the engine's own frames are cut off the front, and the locals of the
+    frames left are cleared (the file, line and code of each stay for the printed traceback).
+    Causes and contexts are treated alike, a few levels deep.
+    """
+    if exc is None or depth > 8:
+        return
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("gpuctx.engine"):
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    while tb is not None:
+        try:
+            tb.tb_frame.clear()
+        except RuntimeError:
+            pass   # a frame still running (cannot happen for a raised-through body; kept safe)
+        tb = tb.tb_next
+    _drop_frames(exc.__cause__, depth + 1)
+    if exc.__context__ is not exc.__cause__:
+        _drop_frames(exc.__context__, depth + 1)

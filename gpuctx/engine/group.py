@@ -6,7 +6,7 @@ import contextlib
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import policy
 from ..models import Slot
@@ -63,6 +63,8 @@ class _Groups:
                         woke = False
                         for t, outcome in zip(prev, prev_out):
                             woke = self._settle_locked(t, outcome, to_resolve) or woke
+                            if outcome[0] == "err":
+                                self._to_scrub.setdefault(slot.name, []).append(outcome[1])
                         prev = ()
                         slot.last_used = self._clock()
                         if woke:   # dependents became ready (or failed): other slots may start now
@@ -209,7 +211,26 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: Any) -> None:
             return
         try:
             sched._run_group(name, victims, need)
+            _clear_finished_frames(sched._to_scrub.pop(name, ()))
         except BaseException as exc:  # noqa: BLE001 - see the docstring
             warnings.warn(f"gpuctx: worker of {name!r} caught {type(exc).__name__}: {exc}; the group ended early "
                           "and its queued tasks are planned again", RuntimeWarning, stacklevel=1)
         del sched
+
+
+def _clear_finished_frames(errors: Iterable[BaseException]) -> None:
+    """Clear the engine frames that called the failed bodies, now that the group has ended.
+
+    A stored exception's frames keep their callers (``f_back``), and those the model object
+    and the batch (see ``execute._drop_frames``, which cut them off the traceback). Once the
+    group is over they have all finished, up to this worker's own loop, and can be cleared.
+    """
+    for exc in errors:
+        tb = exc.__traceback__
+        frame = tb.tb_frame.f_back if tb is not None else None
+        while frame is not None:
+            try:
+                frame.clear()
+            except RuntimeError:
+                break   # still running: the worker's loop, which holds nothing of the group
+            frame = frame.f_back

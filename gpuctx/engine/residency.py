@@ -12,6 +12,7 @@ from ..errors import (
 )
 from ..models import Slot
 from ..units import format_size
+from .execute import _drop_frames
 from .spec import _Frame, _current
 from .state import _resolve, slot_to
 
@@ -106,6 +107,8 @@ class _Residency:
             err = ModelLoadError(
                 f"model {slot.name!r}: {'restore' if was_offloaded else 'loader'} raised {type(exc).__name__}: {exc}"
             )
+            _drop_frames(exc)
+            self._to_scrub.setdefault(slot.name, []).append(exc)
             err.__cause__ = exc
             while True:
                 t = slot.pop()

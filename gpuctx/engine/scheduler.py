@@ -59,6 +59,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._cpu_pool: Any = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
         self._graph_runners: dict[Any, Callable] = {}
+        self._to_scrub: dict[str, list] = {}   # slot -> errors of its group whose callers' frames to clear
         self._fn_live: dict[Callable, "weakref.WeakSet[Task]"] = {}
         self.trace = Trace(self.config.trace_capacity, clock=clock)
         self.trace.budget = self._ledger.budget
