@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import shlex
 import sys
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -165,11 +164,10 @@ class GpuCtxMagics(Magics):
         except GpuCtxError as exc:
             raise UsageError(f"{type(exc).__name__}: {exc}") from None
         try:
-            session._granted.exception(timeout=0.2)   # most turns come at once: then say nothing
-        except FutureTimeout:   # not the builtin TimeoutError before Python 3.11
-            print(f"gpuctx: {args.words[0]!r} waits its turn: {_waiting_for(args.words[0])}", file=sys.stderr)
+            if not session.wait_granted(0.2):   # most turns come at once: then say nothing
+                print(f"gpuctx: {args.words[0]!r} waits its turn: {_waiting_for(args.words[0])}", file=sys.stderr)
         except BaseException:
-            session._abandon()   # Ctrl-C in the first moments withdraws the request too
+            session.withdraw()   # Ctrl-C in the first moments withdraws the request too
             raise
         obj = session.__enter__()   # KeyboardInterrupt here withdraws the request
         self._active.append(session)

@@ -417,3 +417,45 @@ def test_cpu_routed_tasks_still_honour_dependencies(fresh):
         return x + 1
 
     assert second(first()).result(TIMEOUT) == 21
+
+
+# ----------------------------------------------------------------------------- issue 14: entries 4, 6, 8
+def test_a_pressure_handler_that_calls_gpuctx_does_not_deadlock(fresh, gate):
+    gpuctx.configure(budget="4GB")
+    release, running, seen = gate(), threading.Event(), []
+
+    @gpuctx.on_memory_pressure
+    def handler(ctx, requested, available):
+        seen.append((gpuctx.get_available_vram(), gpuctx.status().budget))   # back into gpuctx
+        return False
+
+    h = gpuctx.gpu_task(model="big", vram="3GB")(lambda: (running.set(), release.wait(TIMEOUT)))()
+    assert running.wait(TIMEOUT)
+    with pytest.raises(gpuctx.BudgetError, match="refused 2 GB for 'other'"):
+        gpuctx.gpu_task(model="other", vram="2GB")(lambda: 1)()
+    assert seen == [(1 * GB, 4 * GB)]
+    assert [r.name for r in gpuctx.status().models if r.name == "other" and r.queued] == []   # nothing kept
+    release.set()
+    h.result(TIMEOUT)
+
+
+def test_a_session_made_but_never_entered_holds_nothing(fresh):
+    gpuctx.model("m", vram="1GB")(object)
+    s = gpuctx.context_session("m")
+    del s
+    assert gpuctx.gpu_task(model="m")(lambda: "ran")().result(TIMEOUT) == "ran"
+    assert gpuctx.scheduler().tasks() == []
+    gpuctx.shutdown()   # returns: nothing waits for an unentered session
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(priority="x"), r"context_session\('m', priority='x'\): expected an int"),
+    (dict(after=5), r"context_session\('m', after=5\): expected a list of gpuctx.Task"),
+    (dict(after=[5]), r"item 0 is 5; expected a gpuctx.Task"),
+])
+def test_bad_session_arguments_are_refused_and_leave_nothing_behind(fresh, kwargs, match):
+    gpuctx.model("m", vram="1GB")(object)
+    with pytest.raises(gpuctx.ConfigError, match=match):
+        gpuctx.context_session("m", **kwargs)
+    assert gpuctx.scheduler().tasks() == []
+    gpuctx.shutdown()

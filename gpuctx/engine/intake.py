@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from typing import Any
 
 from .. import policy
@@ -51,6 +52,8 @@ class _Intake:
                     and (not deps or all(d._owner is self for d in deps))):
                 return self._submit_to_draining(slot, task)
         launch = spec.cuda_graph and not deps and self._replayable(spec, args, kwargs)
+        if self._handlers and spec.device != "cpu":
+            self._ask_handlers(spec)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{spec.name}(): the gpuctx scheduler was shut down; call gpuctx.configure() or use a new one")
@@ -132,7 +135,11 @@ class _Intake:
         raise ConfigError(f"{spec.name}: after=[..., {item!r}]: expected a gpuctx.Task or a @gpu_task function")
 
     def _admit_locked(self, slot: Slot, spec: TaskSpec) -> bool:
-        """Check the request can fit; return True to route it to the CPU instead (fallback='cpu')."""
+        """Check the request can fit; return True to route it to the CPU instead (fallback='cpu').
+
+        Validates first, then changes the slot: a request refused here leaves its size unset.
+        """
+        size = slot.size
         if spec.vram is not None:
             if slot.size_source in ("declared", "task") and slot.size != spec.vram:
                 where = "@gpuctx.model" if slot.size_source == "declared" else "an earlier task"
@@ -144,30 +151,53 @@ class _Intake:
                 if slot.max_vram is not None and spec.vram > slot.max_vram:
                     raise BudgetError(f"{spec.name}: vram={format_size(spec.vram)} is above context {slot.name!r}'s "
                                       f"max_vram={format_size(slot.max_vram)}")
-                slot.size, slot.size_source = spec.vram, "task"
+                size = spec.vram
         try:
-            self._check_fits_locked(slot, slot.size, what=f"{spec.name} (model {slot.name!r})")
+            self._check_fits_locked(slot, size, what=f"{spec.name} (model {slot.name!r})")
         except BudgetError:
             if spec.fallback == "cpu":
                 return True
             raise
-        if slot.state in (policy.RESIDENT, policy.LOADING) or not self._handlers:
-            return False
+        if size != slot.size or (spec.vram is not None and slot.size_source in ("label", "auto")):
+            slot.size, slot.size_source = size, "task"
+        return spec.fallback == "cpu" and self._pressure_locked(slot) is not None
+
+    def _pressure_locked(self, slot: Slot, size: int | None = None) -> int | None:
+        """Free bytes when ``slot`` (of ``size``) cannot be made resident now even by evicting, else None."""
+        if not self._handlers or slot.state in (policy.RESIDENT, policy.LOADING):
+            return None
         snap = self._snapshot_locked()
         free = policy.free_bytes(snap)
-        view = next(v for v in snap.slots if v.name == slot.name)
+        view = next((v for v in snap.slots if v.name == slot.name), None) or policy.SlotView(name=slot.name, size=0)
+        if size is not None:
+            view = replace(view, size=size)
         need = policy.need_bytes(view)
         if need <= free or policy.choose_victims(snap.slots, need - free, requester=view) is not None:
-            return False
+            return None
+        return free
+
+    def _ask_handlers(self, spec: TaskSpec) -> None:
+        """Memory-pressure handlers decide whether a request that cannot fit now may wait.
+
+        They are user code: they run without the lock (they may call gpuctx), before anything
+        of the request is recorded, so a refusal leaves nothing behind.
+        """
         if spec.fallback == "cpu":
-            return True
-        for handler in self._handlers:
-            if not handler(slot, slot.size, free):
+            return
+        with self._cond:
+            slot = self._slots.get(spec.model) or Slot(name=spec.model)   # a new label: not recorded yet
+            sized = spec.vram is not None and slot.size_source in ("label", "auto")
+            size = spec.vram if sized else slot.size
+            free = self._pressure_locked(slot, size)
+            handlers = list(self._handlers)
+        if free is None:
+            return
+        for handler in handlers:
+            if not handler(slot, size, free):
                 raise BudgetError(
                     f"{spec.name}: memory pressure handler {getattr(handler, '__name__', handler)!r} refused "
-                    f"{format_size(slot.size)} for {slot.name!r}; {format_size(free)} free of {format_size(self.budget)}"
+                    f"{format_size(size)} for {slot.name!r}; {format_size(free)} free of {format_size(self.budget)}"
                 )
-        return False
 
     def _make_room_in_queue_locked(self, slot: Slot, spec: TaskSpec, block: bool, timeout: float | None,
                                    to_resolve: list) -> None:

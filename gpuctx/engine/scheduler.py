@@ -120,7 +120,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
     def session(self, model: str, *, vram: int | str | None = None, priority: int = 0,
                 after: Iterable[Task] = (), name: str | None = None) -> "Session":
         """A context manager (sync and async) that waits for ``model``'s turn and holds it for the body."""
-        return Session(self, model, vram=vram, priority=priority, after=tuple(after), name=name)
+        return Session(self, model, vram=vram, priority=priority, after=after, name=name)
 
     def tasks(self) -> list[Task]:
         """Tasks not yet finished, oldest first."""
