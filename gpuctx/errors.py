@@ -12,7 +12,8 @@
      ├── GpuOutOfMemory                          out of memory after the retries
      ├── Overloaded                              a queue limit turned the task away
      ├── BatchError                              a batch function broke its contract
-     └── SchedulerClosed (also RuntimeError)     submit after shutdown
+     ├── SchedulerClosed (also RuntimeError)     submit after shutdown
+     └── WaitDeadlock (also RuntimeError)        a wait that could never end
 
 Every message names the argument or model, the value, and what was expected.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "Overloaded",
     "BatchError",
     "SchedulerClosed",
+    "WaitDeadlock",
 ]
 
 
@@ -76,3 +78,7 @@ class BatchError(GpuCtxError):
 
 class SchedulerClosed(GpuCtxError, RuntimeError):
     """The scheduler was shut down; no new work is accepted."""
+
+
+class WaitDeadlock(GpuCtxError, RuntimeError):
+    """A task body (or session) waits for a task that needs the model it is holding."""

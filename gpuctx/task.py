@@ -28,13 +28,16 @@ __all__ = ["Task", "TaskOwner", "TaskState", "wait_tasks"]
 
 
 class TaskOwner(Protocol):
-    """What a Task needs from the scheduler that made it: two calls, nothing else."""
+    """What a Task needs from the scheduler that made it: three calls, nothing else."""
 
     def cancel_task(self, task: "Task") -> bool:
         """Withdraw ``task`` if it has not started; True when it is cancelled now."""
 
     def synchronize(self, event: Any) -> None:
         """Block until the device has reached ``event`` (a task's end on its stream)."""
+
+    def before_wait(self, task: "Task") -> None:
+        """Raise instead of letting the caller wait for ``task`` when that wait could never end."""
 
 
 class TaskState(str, Enum):
@@ -168,6 +171,8 @@ class Task(Future):
         if self._state == _FINISHED and self._exception is None:
             value = self._result   # finished: no need to make (and take) the condition
         else:
+            if self._owner is not None and self._state not in _DONE_STATES:
+                self._owner.before_wait(self)
             value = super().result(timeout)
         if self._event is not None and self._owner is not None:
             self._owner.synchronize(self._event)
@@ -178,6 +183,12 @@ class Task(Future):
 
         yield from asyncio.wrap_future(self).__await__()
         return self.result()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's error (None if it succeeded), waiting up to ``timeout`` seconds."""
+        if self._owner is not None and self._state not in _DONE_STATES:
+            self._owner.before_wait(self)
+        return super().exception(timeout)
 
     def running(self) -> bool:
         """True while the task's body (or graph replay) runs."""

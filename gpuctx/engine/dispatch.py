@@ -28,7 +28,7 @@ class _Dispatch:
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
 
     def _dispatch_locked(self) -> None:
-        if self._closed and not self._live:
+        if self._closed and (self._stopped or not self._live):
             return
         for s in self._slots.values():
             if s.queued and not s.busy:

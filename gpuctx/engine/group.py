@@ -46,6 +46,8 @@ class _Groups:
                 self._cond.notify_all()
                 self._dispatch_locked()
             self._hk_wake.set()
+            if self._closed:
+                self._stop_if_done()   # the last group after a shutdown that did not wait
 
     def _drain(self, slot: Slot) -> None:
         """Run ``slot``'s ready tasks until its queue is empty or the policy says yield."""
@@ -163,6 +165,8 @@ class _Groups:
                 self._cond.notify_all()
         _resolve(to_resolve)
         self._hk_wake.set()
+        if self._closed:
+            self._stop_if_done()
         if outcome[0] == "err" and isinstance(outcome[1], KeyboardInterrupt):
             raise outcome[1]   # Ctrl-C while launching: the task failed with it; the caller sees it too
 
@@ -192,6 +196,8 @@ class _Groups:
                 self._fail_locked(task, err, to_resolve)
             self._dispatch_locked()
         _resolve(to_resolve)
+        if self._closed:
+            self._stop_if_done()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -11,7 +12,8 @@ from ..errors import (
     ConfigError,
 )
 from ..models import Slot
-from ..task import Task
+from ..errors import WaitDeadlock
+from ..task import Task, TaskState
 from ..units import format_size
 from ..device import Device
 from ..ledger import Ledger
@@ -26,7 +28,7 @@ from .intake import _Intake
 from .registry import _Registry
 from .residency import _Residency
 from .session import Session
-from .spec import Config
+from .spec import Config, current_frame
 from .state import _QUEUED, _Transitions, _WAITING, _resolve
 
 
@@ -53,8 +55,10 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._ledger = Ledger(self._compute_budget())
         self._live: set[Task] = set()
         self._ids = itertools.count(1)
-        self._closed = False
+        self._closed = False           # shutdown began: no new work
+        self._stopped = False          # shutdown ended: workers stopped, models unloaded
         self._cancel_on_close = False
+        self._unload_at_stop = False
         self._workers: dict[str, tuple[Any, Any]] = {}   # name -> (thread handle, inbox)
         self._cpu_pool: Any = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
@@ -153,14 +157,24 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         return (not reasons, reasons)
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False, unload: bool = True) -> None:
-        """Stop accepting work; optionally cancel what is queued; wait; unload every model."""
+        """Stop accepting work; optionally cancel what is queued; let the rest run; unload every model.
+
+        Args:
+            wait: return only once every task has ended and the workers have stopped. Called from
+                inside gpuctx (a task body, a session, a done-callback on a worker) it cannot wait
+                for itself: it returns at once, and the last group to end finishes the shutdown.
+            cancel_pending: cancel the tasks that have not started.
+            unload: unload (not offload) every model once the work has ended.
+        """
         to_resolve: list = []
+        inside = self._called_from_inside()
         with self._cond:
-            if self._closed and not self._workers:
+            if self._stopped:
                 return
             self._closed = True
             self._take_intake_locked()   # what was submitted without the lock before the close
-            self._cancel_on_close = cancel_pending
+            self._cancel_on_close = self._cancel_on_close or cancel_pending
+            self._unload_at_stop = self._unload_at_stop or unload
             self._hk_wake.set()
             if cancel_pending:
                 for t in sorted(self._live, key=lambda t: t.id):
@@ -168,29 +182,55 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
                         self._fail_locked(t, None, to_resolve, cancelled=True)  # type: ignore[arg-type]
             self._cond.notify_all()
         _resolve(to_resolve)
-        if wait:
+        if wait and not inside:
             with self._cond:
                 while self._live or any(s.busy for s in self._slots.values()):
                     self._cond.wait(0.5)
-        for _, inbox in list(self._workers.values()):
-            inbox.put((_STOP, (), 0))
-        if wait:
-            for th, _ in list(self._workers.values()):
-                if not self._driver.is_current(th):
-                    self._driver.join(th, timeout=10)
-        self._workers.clear()
-        if unload:
-            with self._cond:
-                targets = [s for s in self._slots.values() if s.state in (policy.RESIDENT, policy.OFFLOADED) and not s.busy]
+            self._stop(join=True)
+        else:
+            self._stop_if_done()
+
+    def _called_from_inside(self) -> bool:
+        """True in a task body, a session, or a thread of this engine (a done-callback's)."""
+        if current_frame() is not None:
+            return True
+        return any(self._driver.is_current(th) for th, _ in list(self._workers.values())) or \
+            self._driver.is_current(self._housekeeper) or threading.current_thread().name.startswith("gpuctx-cpu")
+
+    def _stop_if_done(self) -> None:
+        """After a shutdown that did not wait: stop once the last task has ended (group ends call this)."""
+        with self._cond:
+            due = (self._closed and not self._stopped and not self._live
+                   and not any(s.busy for s in self._slots.values()))
+        if due:
+            self._stop(join=False)
+
+    def _stop(self, join: bool) -> None:
+        """The end of a shutdown: stop the workers, unload the models, close the device (once)."""
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopped = True   # no group starts and no worker is made from now on
+            workers = list(self._workers.values())
+            self._workers.clear()
+            targets = []
+            if self._unload_at_stop:
+                targets = [s for s in self._slots.values() if s.state in (policy.RESIDENT, policy.OFFLOADED)]
                 for s in targets:
                     self._mark_evicting_locked(s, "shutdown")
-            for s in targets:
-                self._evict_marked(s, "shutdown", keep_host_copy=False)
-        if self._cpu_pool is not None:
-            self._cpu_pool.shutdown(wait=wait)
-        with self._cond:
+            self._hk_wake.set()
             self._cond.notify_all()
-        if wait and not self._driver.is_current(self._housekeeper):
+        for _, inbox in workers:
+            inbox.put((_STOP, (), 0))
+        if join:
+            for th, _ in workers:
+                if not self._driver.is_current(th):
+                    self._driver.join(th, timeout=10)
+        for s in targets:
+            self._evict_marked(s, "shutdown", keep_host_copy=False)
+        if self._cpu_pool is not None:
+            self._cpu_pool.shutdown(wait=join)
+        if join and not self._driver.is_current(self._housekeeper):
             self._driver.join(self._housekeeper, timeout=5)
         self._device.close()
 
@@ -202,6 +242,20 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
     def synchronize(self, event: Any) -> None:
         """Block until the device has reached ``event`` (see :class:`gpuctx.task.TaskOwner`)."""
         self._device.synchronize(event)
+
+    def before_wait(self, task: Task) -> None:
+        """WaitDeadlock when the caller holds ``task``'s model (a body or session of it) and
+        ``task`` has not started: it would run only after the caller ends, which it never would."""
+        frame = current_frame()
+        if frame is None or frame.slot != task.model or (frame.task is not None and frame.task._on_cpu):
+            return
+        if task.state in (TaskState.WAITING, TaskState.QUEUED):
+            me = frame.task
+            who = f"{me.name} (Task #{me.id})" if me is not None else f"a task of {task.model!r}"
+            raise WaitDeadlock(
+                f"{who} waits for {task.name} (Task #{task.id}), which needs model {task.model!r}: the model "
+                f"that {who} holds, so it cannot start before the wait ends. Pass the Task as an argument "
+                "(a dependency) or return it, instead of waiting inside the body")
 
 
 

@@ -182,10 +182,12 @@ class _Transitions:
         to_resolve: list = []
         with self._cond:
             if task.state not in (_WAITING, _QUEUED):
-                return False
+                return task.state is _CANCELLED   # as a Future: cancelling a cancelled one is True
             self._fail_locked(task, None, to_resolve, cancelled=True)  # type: ignore[arg-type]
             self._dispatch_locked()
         _resolve(to_resolve)
+        if self._closed:
+            self._stop_if_done()
         return True
 
 

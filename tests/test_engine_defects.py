@@ -1,0 +1,126 @@
+"""Issue 14's engine defects, each with the test that failed before its fix (entries 13, 16, 26 ...)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import gpuctx
+from gpuctx import GB
+
+TIMEOUT = 10
+
+
+def _live_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("gpuctx-")}
+
+
+# ----------------------------------------------------------------------------- 16: waiting on one's own model
+def test_a_body_waiting_for_a_queued_task_of_its_own_model_gets_a_clear_error(fresh, gate):
+    gpuctx.model("m", vram="1GB")(object)
+    release = gate()
+    holder: dict = {}
+
+    @gpuctx.gpu_task(model="m")
+    def first():
+        release.wait(TIMEOUT)
+        return holder["second"].result(TIMEOUT)   # queued behind us, on our model: it would never start
+
+    @gpuctx.gpu_task(model="m")
+    def second():
+        return 2
+
+    t1 = first()
+    holder["second"] = t2 = second()
+    release.set()
+    err = t1.exception(TIMEOUT)
+    assert isinstance(err, gpuctx.WaitDeadlock)
+    assert f"Task #{t2.id}" in str(err) and "'m'" in str(err)
+    assert t2.result(TIMEOUT) == 2                  # the other one still runs
+
+
+def test_a_session_waiting_for_a_task_of_its_model_gets_the_error_too(fresh):
+    gpuctx.model("m", vram="1GB")(object)
+    with gpuctx.context_session("m"):
+        t = gpuctx.gpu_task(model="m")(lambda: 1)()
+        with pytest.raises(gpuctx.WaitDeadlock, match="needs model 'm'"):
+            t.result(TIMEOUT)
+    assert t.result(TIMEOUT) == 1
+
+
+def test_waiting_for_another_models_task_inside_a_body_is_fine(fresh):
+    other = gpuctx.gpu_task(model="b", vram="1GB")(lambda: "b")
+    outer = gpuctx.gpu_task(model="a", vram="1GB")(lambda: other().result(TIMEOUT))
+    assert outer().result(TIMEOUT) == "b"
+
+
+# ----------------------------------------------------------------------------- 13: shutdown holes
+def test_shutdown_without_waiting_lets_queued_work_finish_then_unloads_and_stops_every_thread(fresh, gate):
+    release, running, unloaded = gate(), threading.Event(), []
+    gpuctx.model("m", vram="1GB", unload=unloaded.append)(lambda: "M")
+    hold = gpuctx.gpu_task(model="m")(lambda: (running.set(), release.wait(TIMEOUT)))
+    later = gpuctx.gpu_task(model="m")(lambda: "later")
+    h, t = hold(), later()
+    assert running.wait(TIMEOUT)
+    sched = gpuctx.scheduler()
+    sched.shutdown(wait=False)
+    assert not t.done()                             # queued work is not dropped ...
+    release.set()
+    assert t.result(TIMEOUT) == "later" and h.result(TIMEOUT)
+    for th in [th for th in threading.enumerate() if th.name.startswith("gpuctx-")]:
+        th.join(TIMEOUT)                            # ... and then every worker ends
+    assert not _live_threads()
+    assert unloaded == ["M"] and sched.slot("m").state == "absent"
+
+
+def test_shutdown_without_waiting_during_a_load_unloads_that_model_once_it_is_loaded(fresh, gate):
+    release, loading, unloaded = gate(), threading.Event(), []
+
+    @gpuctx.model("m", vram="1GB", unload=unloaded.append)
+    def load():
+        loading.set()
+        release.wait(TIMEOUT)
+        return "M"
+
+    t = gpuctx.gpu_task(model="m")(lambda: 1)()
+    assert loading.wait(TIMEOUT)
+    sched = gpuctx.scheduler()
+    sched.shutdown(wait=False)
+    release.set()
+    assert t.result(TIMEOUT) == 1
+    for th in [th for th in threading.enumerate() if th.name.startswith("gpuctx-")]:
+        th.join(TIMEOUT)
+    assert unloaded == ["M"] and sched.committed() == 0
+
+
+def test_shutdown_from_a_body_or_a_done_callback_does_not_hang(fresh):
+    gpuctx.model("m", vram="1GB")(object)
+    sched = gpuctx.scheduler()
+    stopped = threading.Event()
+
+    @gpuctx.gpu_task(model="m")
+    def body():
+        sched.shutdown()                            # cannot wait for itself: returns at once
+        return "after"
+
+    assert body().result(TIMEOUT) == "after"
+    for th in [th for th in threading.enumerate() if th.name.startswith("gpuctx-")]:
+        th.join(TIMEOUT)
+    assert sched.closed and not _live_threads()
+
+    gpuctx.reset()
+    gpuctx.configure(device="cpu", budget="10GB", safety_factor=1.0)
+    t = gpuctx.gpu_task(model="n", vram="1GB")(lambda: 1)()
+    t.add_done_callback(lambda _: (gpuctx.shutdown(), stopped.set()))
+    assert t.result(TIMEOUT) == 1 and stopped.wait(TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- 26: small contract gaps
+def test_cancelling_a_cancelled_task_returns_true_as_a_future_does(fresh, gate):
+    release = gate()
+    hold = gpuctx.gpu_task(model="m", vram="1GB")(lambda: release.wait(TIMEOUT))()
+    t = gpuctx.gpu_task(model="m", vram="1GB")(lambda: 1)()
+    assert t.cancel() and t.cancel()
+    release.set()
+    hold.result(TIMEOUT)
