@@ -266,9 +266,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
                         after=after_t, device="cpu" if device == "cpu" else None, fallback=fallback,
                         batch_size=bs, batch_wait=bw, cuda_graph=cuda_graph, oom_retries=oom_retries)
         if max_queue is not None or overflow is not None:
-            s = scheduler()
-            with s._cond:
-                s._set_queue_limits_locked(s._slot_locked(spec.model), max_queue, overflow)
+            scheduler().set_queue_limits(spec.model, max_queue, overflow)
 
         sig = inspect.signature(f)
         params = list(sig.parameters.values())

@@ -124,3 +124,78 @@ def test_cancelling_a_cancelled_task_returns_true_as_a_future_does(fresh, gate):
     assert t.cancel() and t.cancel()
     release.set()
     hold.result(TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- 18: an explicit budget
+def test_an_explicit_budget_means_what_it_says():
+    gpuctx.reset()
+    try:
+        gpuctx.configure(device="cpu", budget="8GB")          # safety_factor left at its 0.9 default
+        assert gpuctx.scheduler().budget == 8 * GB
+        assert gpuctx.gpu_task(model="big", vram="8GB")(lambda: "fits")().result(TIMEOUT) == "fits"
+        assert "declared" in gpuctx.scheduler().budget_source()
+    finally:
+        gpuctx.reset()
+
+
+# ----------------------------------------------------------------------------- 12: an idle pinned model
+def test_a_task_that_can_only_fit_by_evicting_a_pinned_model_is_refused_at_submit(fresh):
+    gpuctx.configure(budget="8GB")
+    gpuctx.model("p", vram="5GB", pin=True)(object)
+    gpuctx.gpu_task(model="p")(lambda: 1)().result(TIMEOUT)   # P resident, idle, pinned
+    gpuctx.model("q", vram="5GB")(object)
+    with pytest.raises(gpuctx.BudgetError, match=r"pinned 'p' holds 5 GB; largest possible 3 GB \(unpin"):
+        gpuctx.gpu_task(model="q")(lambda: 2)()
+    assert gpuctx.scheduler().tasks() == []
+
+
+# ----------------------------------------------------------------------------- 7: validate first, then mutate
+def test_a_refused_model_registration_changes_nothing(fresh):
+    with pytest.raises(gpuctx.BudgetError, match="needs 90 GB but can never fit"):
+        gpuctx.model("x", vram="90GB")(object)
+    gpuctx.model("x", vram="1GB")(object)                 # not "declared with two sizes"
+    with pytest.raises(gpuctx.ConfigError, match="max_queue=0"):
+        gpuctx.model("y", vram="1GB", max_queue=0)(lambda: "loaded")
+    assert "y" not in {r.name for r in gpuctx.status().models}
+
+
+def test_a_refused_context_keeps_no_reservation_and_no_name(fresh):
+    with pytest.raises(gpuctx.ConfigError, match="max_queue=0"):
+        gpuctx.create_context("g", qos="GUARANTEED", max_vram="2GB", max_queue=0)
+    assert gpuctx.get_available_vram() == 10 * GB
+    gpuctx.create_context("g", qos="GUARANTEED", max_vram="2GB")   # the name is free
+    assert gpuctx.get_available_vram() == 8 * GB
+
+
+def test_a_refused_task_does_not_fix_its_labels_size(fresh):
+    with pytest.raises(gpuctx.BudgetError):
+        gpuctx.gpu_task(model="g", vram="90GB")(lambda: 1)()
+    assert gpuctx.gpu_task(model="g", vram="1GB")(lambda: 2)().result(TIMEOUT) == 2
+
+
+# ----------------------------------------------------------------------------- 17: admission reclaims idle memory
+def test_a_reservation_evicts_idle_best_effort_and_burst_memory_to_be_admitted(fresh):
+    gpuctx.create_context("guar", qos="GUARANTEED", max_vram="4GB")
+    gpuctx.create_context("burst", qos="BURSTABLE", base_vram="1GB", max_vram="3GB")
+    gpuctx.create_context("best", qos="BEST_EFFORT")
+    for name, size in (("guar", "4GB"), ("burst", "3GB"), ("best", "3GB")):
+        gpuctx.model(name, vram=size)(object)
+        gpuctx.gpu_task(model=name)(lambda: 1)().result(TIMEOUT)
+    assert gpuctx.get_available_vram() == 0
+    gpuctx.create_context("new", qos="BURSTABLE", base_vram="1GB", max_vram="3GB")
+    states = {r.name: r.state for r in gpuctx.status().models}
+    assert states["guar"] == "resident" and states["best"] == "absent"
+    assert gpuctx.get_context_usage("new").base == 1 * GB
+    reasons = [e.reason for e in gpuctx.scheduler().trace.events if e.kind == "evict"]
+    assert "room for context 'new''s reservation" in reasons
+
+
+# ----------------------------------------------------------------------------- 19: registering again
+def test_registering_a_model_again_replaces_the_loaded_object_with_a_note(fresh):
+    gpuctx.model("m", vram="1GB")(lambda: "old")
+    use = gpuctx.gpu_task(model="m")(lambda: gpuctx.current_model())
+    assert use().result(TIMEOUT) == "old"
+    with pytest.warns(RuntimeWarning, match=r"registered again \(size 1 GB -> 2 GB, a new loader\)"):
+        gpuctx.model("m", vram="2GB")(lambda: "new")
+    assert use().result(TIMEOUT) == "new"
+    assert gpuctx.scheduler().slot("m").size == 2 * GB

@@ -27,6 +27,7 @@ class _Groups:
 
     def _run_group(self, name: str, victims: tuple[str, ...], need: int) -> None:
         slot = self._slots[name]
+        stale = False
         try:
             for v in victims:
                 self._evict_marked(self._slots[v], reason=f"room for {name!r}")
@@ -43,8 +44,14 @@ class _Groups:
                 if slot.is_label and slot.state == policy.RESIDENT:
                     slot_to(slot, policy.ABSENT)
                     self._ledger.release(name)
+                stale = name in self._stale and slot.state == policy.RESIDENT and not slot.queued
+                if stale:
+                    self._stale.discard(name)
+                    self._mark_evicting_locked(slot, "registered again")
                 self._cond.notify_all()
                 self._dispatch_locked()
+            if stale:
+                self._evict_marked(slot, "registered again", keep_host_copy=False)
             self._hk_wake.set()
             if self._closed:
                 self._stop_if_done()   # the last group after a shutdown that did not wait

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -32,18 +34,35 @@ class _Registry:
                        priority: int = 0, pin: bool = False, keep_alive: float | None = None,
                        unload: Callable[[Any], Any] | None = None, offload: bool | None = None,
                        max_queue: int | None = None, overflow: str | None = None) -> Slot:
-        """Register (or update) a model's loader and settings; sizes that disagree raise ConfigError."""
+        """Register (or register again) a model's loader and settings.
+
+        Everything is checked before anything changes: a refused registration leaves the model
+        as it was. Registering again (a notebook cell run twice, edited) replaces the old
+        registration: a new loader or size takes effect at the next load, and the old object is
+        evicted as soon as it is idle, with a note.
+        """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"model name={name!r}: expected a non-empty string")
         auto = vram == "auto"
         size = None if (vram is None or auto) else parse_size(vram, arg="vram")
+        _check_queue_limits(name, max_queue, overflow)
+        note, evict_now = None, False
         with self._cond:
-            s = self._slot_locked(name)
+            s = self._slots.get(name) or Slot(name=name)   # recorded only once every check passed
             if size is not None:
-                self._check_size_locked(s, size, "declared")
-            if size is not None and s.size_source in ("label", "auto", "task"):
+                if s.max_vram is not None and size > s.max_vram:
+                    raise BudgetError(f"model {name!r}: vram={format_size(size)} is above its context's "
+                                      f"max_vram={format_size(s.max_vram)}")
+                self._check_fits_locked(s, size, what=f"model {name!r}", pinned=False)
+            self._slots[name] = s
+            changed = []
+            if size is not None and s.size_source in ("declared", "measured", "task") and size != s.size:
+                changed.append(f"size {format_size(s.size)} -> {format_size(size)}")
+            if loader is not None and s.loader is not None and loader is not s.loader:
+                changed.append("a new loader")
+            if size is not None:
                 s.size, s.size_source = size, "declared"
-            elif auto and s.size_source == "label":
+            elif auto and s.size_source in ("label", "declared", "task"):
                 s.size_source = "auto"
             if loader is not None:
                 s.loader = loader
@@ -51,43 +70,45 @@ class _Registry:
             s.priority, s.pin = priority, pin
             s.keep_alive = keep_alive if keep_alive is not None else s.keep_alive
             s.offload = offload if offload is not None else s.offload
-            self._set_queue_limits_locked(s, max_queue, overflow)
-            self._check_fits_locked(s, s.size, what=f"model {name!r}")
+            _apply_queue_limits(s, max_queue, overflow)
+            if changed and s.state in (policy.RESIDENT, policy.LOADING, policy.OFFLOADED):
+                note = f"gpuctx: model {name!r} registered again ({', '.join(changed)}): the loaded object is replaced"
+                if s.busy or s.state == policy.LOADING:
+                    self._stale.add(name)   # evicted when its group ends
+                    note += " once its running work ends"
+                else:
+                    self._mark_evicting_locked(s, "registered again")
+                    evict_now = True
             self._cond.notify_all()
-            return s
+        if evict_now:
+            self._evict_marked(s, "registered again", keep_host_copy=False)
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=4)
+        return s
 
-    def _set_queue_limits_locked(self, s: Slot, max_queue: int | None, overflow: str | None) -> None:
-        if max_queue is not None:
-            if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-                raise ConfigError(f"max_queue={max_queue!r} for {s.name!r}: expected an int >= 1 (or None for no limit)")
-            s.max_queue = max_queue
-        if overflow is not None:
-            if overflow not in OVERFLOW_POLICIES:
-                raise ConfigError(f"overflow={overflow!r} for {s.name!r}: expected one of {', '.join(OVERFLOW_POLICIES)}")
-            s.overflow = overflow
-
-    def _check_size_locked(self, s: Slot, size: int, source: str) -> None:
-        if s.size_source in ("declared", "task") and size != s.size:
-            raise ConfigError(
-                f"model {s.name!r} declared with two sizes: {format_size(s.size)} ({s.size_source}) and "
-                f"{format_size(size)} ({source}); give one size"
-            )
-        if s.max_vram is not None and size > s.max_vram:
-            raise BudgetError(
-                f"model {s.name!r}: vram={format_size(size)} is above its context's max_vram={format_size(s.max_vram)}"
-            )
+    def set_queue_limits(self, name: str, max_queue: int | None, overflow: str | None) -> None:
+        """Set model ``name``'s queue limit and overflow policy (see ``@gpu_task(max_queue=...)``)."""
+        _check_queue_limits(name, max_queue, overflow)
+        with self._cond:
+            _apply_queue_limits(self._slot_locked(name), max_queue, overflow)
 
     def _others_reserved_locked(self, name: str) -> int:
         return sum(v for k, v in self._ledger.reserved.items() if k != name)
 
-    def _check_fits_locked(self, s: Slot, size: int, *, what: str) -> None:
-        """BudgetError now when ``size`` can never fit, with the numbers."""
+    def _check_fits_locked(self, s: Slot, size: int, *, what: str, pinned: bool = True) -> None:
+        """BudgetError now when ``size`` can never fit, with the numbers: the budget less other
+        contexts' reservations and (with ``pinned``, for work submitted now) the memory of
+        resident pinned models, which are never evicted."""
         others = self._others_reserved_locked(s.name)
-        if not policy.fits_ever(size, s.name, s.base, self.budget, others):
+        pinned = {o.name: self._ledger.charge(o.name) for o in self._slots.values()
+                  if pinned and o.pin and o is not s and o.state in (policy.RESIDENT, policy.LOADING)}
+        held = others + sum(max(0, v - self._ledger.reserved.get(k, 0)) for k, v in pinned.items())
+        if not policy.fits_ever(size, s.name, s.base, self.budget, held):
+            pins = "".join(f", pinned {k!r} holds {format_size(v)}" for k, v in pinned.items() if v)
             raise BudgetError(
                 f"{what} needs {format_size(size)} but can never fit: budget {format_size(self.budget)} "
-                f"(capacity x safety_factor {self.config.safety_factor}), of which other contexts reserve "
-                f"{format_size(others)}; largest possible {format_size(self.budget - others)}"
+                f"({self.budget_source()}), other contexts reserve {format_size(others)}{pins}; largest possible "
+                f"{format_size(max(0, self.budget - held))}" + (" (unpin a model to make room)" if pins else "")
             )
 
     def create_context(self, name: str, *, max_vram: int | str | None = None, base_vram: int | str | None = None,
@@ -111,19 +132,38 @@ class _Registry:
         base = base or 0
         if mx is not None and base > mx:
             raise ConfigError(f"context {name!r}: base_vram={format_size(base)} is larger than max_vram={format_size(mx)}")
-        with self._cond:
-            if mx is not None and mx > self.budget:
-                raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is larger than the whole budget {format_size(self.budget)}")
-            s = self._slot_locked(name)
-            if s.explicit_context:
-                raise ConfigError(f"context {name!r} exists already; use another name or gpuctx.reset()")
-            if mx is not None and s.size_source != "label" and s.size > mx:
-                raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is below its model's size {s.describe_size()}")
-            if base:
-                self._ledger.reserve_base(name, base)   # AdmissionError with the numbers
-            s.qos, s.base, s.max_vram, s.explicit_context = tier, base, mx, True
-            self._set_queue_limits_locked(s, max_queue, overflow)
-            return s
+        _check_queue_limits(name, max_queue, overflow)
+        while True:
+            with self._cond:
+                if mx is not None and mx > self.budget:
+                    raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is larger than the whole budget {format_size(self.budget)}")
+                s = self._slots.get(name) or Slot(name=name)   # recorded only once admitted
+                if s.explicit_context:
+                    raise ConfigError(f"context {name!r} exists already; use another name or gpuctx.reset()")
+                if mx is not None and s.size_source != "label" and s.size > mx:
+                    raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is below its model's size {s.describe_size()}")
+                victims = self._reclaim_for_locked(name, tier, base) if base else ()
+                if not victims:
+                    if base:
+                        self._ledger.reserve_base(name, base)   # AdmissionError with the numbers
+                    self._slots[name] = s
+                    s.qos, s.base, s.max_vram, s.explicit_context = tier, base, mx, True
+                    _apply_queue_limits(s, max_queue, overflow)
+                    return s
+            for v in victims:   # idle best-effort and burst memory goes, so the reservation holds
+                self._evict_marked(self._slots[v], f"room for context {name!r}'s reservation")
+
+    def _reclaim_for_locked(self, name: str, tier: int, base: int) -> tuple[str, ...]:
+        """Idle models of tier <= ``tier`` to evict (marked here) so ``base`` bytes can be reserved."""
+        extra = max(base, self._ledger.used.get(name, 0)) - self._ledger.charge(name)
+        short = extra - self._ledger.free()
+        if short <= 0:
+            return ()
+        snap = self._snapshot_locked()
+        victims = policy.choose_victims(snap.slots, short, requester=policy.SlotView(name=name, size=base, qos=tier))
+        for v in victims or ():
+            self._mark_evicting_locked(self._slots[v], f"room for context {name!r}'s reservation")
+        return victims or ()
 
     def explain(self, name: str, vram: int | str | None = None) -> str:
         """Why a request for ``vram`` in context ``name`` would be admitted now, wait, or fail."""
@@ -168,3 +208,17 @@ class _Registry:
         """Bytes free for new work now (budget minus what is counted or promised)."""
         with self._cond:
             return policy.free_bytes(self._snapshot_locked())
+
+
+def _check_queue_limits(name: str, max_queue: int | None, overflow: str | None) -> None:
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
+        raise ConfigError(f"max_queue={max_queue!r} for {name!r}: expected an int >= 1 (or None for no limit)")
+    if overflow is not None and overflow not in OVERFLOW_POLICIES:
+        raise ConfigError(f"overflow={overflow!r} for {name!r}: expected one of {', '.join(OVERFLOW_POLICIES)}")
+
+
+def _apply_queue_limits(s: Slot, max_queue: int | None, overflow: str | None) -> None:
+    if max_queue is not None:
+        s.max_queue = max_queue
+    if overflow is not None:
+        s.overflow = overflow

@@ -63,6 +63,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._cpu_pool: Any = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
         self._graph_runners: dict[Any, Callable] = {}
+        self._stale: set[str] = set()          # models registered again while in use: evict at group end
         self._to_scrub: dict[str, list] = {}   # slot -> errors of its group whose callers' frames to clear
         self._fn_live: dict[Callable, "weakref.WeakSet[Task]"] = {}
         self.trace = Trace(self.config.trace_capacity, clock=clock)
@@ -71,12 +72,17 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._housekeeper = self._driver.spawn(self._housekeep, name="gpuctx-housekeeper")
 
     def _compute_budget(self) -> int:
-        raw = self._device.capacity() if self.config.budget is None else self.config.budget
-        return int(raw * self.config.safety_factor)
+        return _budget_of(self.config, self._device)
+
+    def budget_source(self) -> str:
+        """How the budget was set: ``"declared"`` (``budget=``) or the device memory x safety factor."""
+        if self.config.budget is not None:
+            return "declared"
+        return f"device memory x safety_factor {self.config.safety_factor}"
 
     @property
     def budget(self) -> int:
-        """Bytes the scheduler may keep committed (capacity x safety factor)."""
+        """Bytes the scheduler may keep committed: ``budget=`` as given, else device memory x safety factor."""
         return self._ledger.budget
 
     @property
@@ -96,12 +102,11 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
                         "call gpuctx.shutdown() first"
                     )
                 device = make_device(new.device, new.budget)
-            raw = device.capacity() if new.budget is None else new.budget
-            budget = int(raw * new.safety_factor)
+            budget = _budget_of(new, device)
             if budget < self._ledger.committed():
                 raise ConfigError(
-                    f"budget={format_size(raw)} x safety_factor={new.safety_factor} = {format_size(budget)} is below "
-                    f"what is committed now ({format_size(self._ledger.committed())}); evict models first"
+                    f"budget={format_size(budget)} is below what is committed now "
+                    f"({format_size(self._ledger.committed())}); evict models first"
                 )
             if device is not self._device:
                 self._device.close()
@@ -263,3 +268,10 @@ def _apply_host_budget(device: Device, host_budget: int | None) -> None:
     """Pass configure(host_budget=...) to a device that offloads to host RAM."""
     if hasattr(device, "host_budget"):
         device.host_budget = host_budget
+
+
+def _budget_of(config: Config, device: Device) -> int:
+    """An explicit ``budget=`` means what it says; the safety factor applies to memory read from the device."""
+    if config.budget is not None:
+        return config.budget
+    return int(device.capacity() * config.safety_factor)
