@@ -47,8 +47,9 @@ def configure(**settings: Any) -> Config:
     """Set scheduler settings; applies to the running scheduler at once where safe.
 
     ``budget`` (size, default: device memory, or 16 GB on CPU), ``safety_factor`` (0.9),
-    ``device`` ("auto", "cpu", "cuda", "cuda:N"), ``max_wait`` (staleness bound, s),
-    ``aging`` (s per priority level), ``latency_priority``, ``keep_alive`` (s or None),
+    ``device`` ("auto", "cpu", "cuda", "cuda:N"), ``max_wait`` (floor of the starvation bound,
+    and how long a task waits before it goes ahead of higher priorities in its queue, s),
+    ``aging`` (accepted; no longer ranks groups), ``latency_priority``, ``keep_alive`` (s or None),
     ``oom_retries``, ``offload``, ``host_budget``, ``trace_capacity``, ``cpu_workers``,
     ``progress``.
     """

@@ -80,11 +80,19 @@ class Slot:
     busy: bool = False
     last_used: float = 0.0
     load_cost: float = 1.0
+    unload_cost: float = 0.0            # EWMA of measured unload/offload seconds (0 until one is seen)
     queued: int = 0
     pending: int = 0
     loads: int = 0
+    # For the policy's quantum (see policy.stepped_aside), kept by Scheduler._snapshot_locked:
+    # the wait's start and the time as last seen idle, and when the running group started.
+    waiting_since: float = 0.0
+    seen_idle: float = 0.0
+    group_start: float | None = None
     _heap: list = field(default_factory=list)
     _fifo: deque = field(default_factory=deque)
+    _gone: set = field(default_factory=set)      # ids of tasks taken out of order (still in _heap)
+    _promoted: Any = None                        # the overdue task peek() returned, if it did
 
     @property
     def is_label(self) -> bool:
@@ -94,16 +102,29 @@ class Slot:
     def describe_size(self) -> str:
         return f"{format_size(self.size)} ({self.size_source})"
 
-    # -- queue: priority first, then submission order; lazy deletion of withdrawn tasks
+    # -- queue: priority first, then submission order; lazy deletion of withdrawn tasks.
+    # A task that has waited ``promote_after`` seconds (the policy's max_wait) goes before every
+    # younger one, whatever the priorities: the starvation bound holds per task inside a queue.
     def push(self, task: Any) -> None:
         heapq.heappush(self._heap, (-task.priority, next(_seq), task))
         self._fifo.append(task)
         self.queued += 1
 
-    def peek(self) -> Any:
-        while self._heap and self._heap[0][2].state is not _QUEUED:
-            heapq.heappop(self._heap)
-        return self._heap[0][2] if self._heap else None
+    def peek(self, now: float | None = None, promote_after: float | None = None) -> Any:
+        """The next task: the best by priority, or the oldest when it waited ``promote_after``."""
+        heap, gone = self._heap, self._gone
+        while heap and (heap[0][2].state is not _QUEUED or (gone and id(heap[0][2]) in gone)):
+            gone.discard(id(heapq.heappop(heap)[2]))
+        self._promoted = None
+        if not heap:
+            return None
+        head = heap[0][2]
+        if promote_after is not None and now is not None:
+            old = self.oldest_queued()
+            if old is not head and now - old._ready_at >= promote_after:
+                self._promoted = old
+                return old
+        return head
 
     def pop(self) -> Any:
         task = self.peek()
@@ -114,7 +135,13 @@ class Slot:
     def pop_head(self) -> Any:
         """Remove and return the task :meth:`peek` just returned (it must have returned one)."""
         self.queued -= 1
-        task = heapq.heappop(self._heap)[2]
+        task = self._promoted
+        if task is not None:   # the FIFO's head; its heap entry goes lazily
+            self._promoted = None
+            self._fifo.popleft()
+            self._gone.add(id(task))
+        else:
+            task = heapq.heappop(self._heap)[2]
         self.forget_stale()
         return task
 
@@ -124,13 +151,17 @@ class Slot:
         if not self.queued:
             self._heap.clear()
             self._fifo.clear()
+            self._gone.clear()
 
-    def take_matching(self, key: Any, limit: int) -> list:
-        """Pop up to ``limit`` queued tasks whose ``_batch_key`` is ``key``, best first."""
-        taken, keep = [], []
+    def take_matching(self, key: Any, limit: int, first: Any = None) -> list:
+        """Pop up to ``limit`` queued tasks whose ``_batch_key`` is ``key``: ``first`` (the head
+        :meth:`peek` returned, maybe a promoted one) and then the best."""
+        taken, keep = ([first] if first is not None else []), []
+        self._promoted = None
+        gone = self._gone
         for entry in sorted(self._heap):
             task = entry[2]
-            if task.state is not _QUEUED:
+            if task.state is not _QUEUED or task is first or (gone and id(task) in gone):
                 continue
             if len(taken) < limit and task._batch_key == key:
                 taken.append(task)
@@ -138,6 +169,7 @@ class Slot:
                 keep.append(entry)
         heapq.heapify(keep)
         self._heap = keep
+        gone.clear()
         self.queued -= len(taken)
         self.forget_stale()
         return taken

@@ -1,31 +1,74 @@
 """The scheduling policy: pure functions from a snapshot of plain data to a decision.
 
 The story. Work arrives as tasks, each bound to a *slot*: a model (or execution
-context) with a VRAM size. Switching a GPU from one model to another costs a load,
-often seconds, so the policy's first job is to **group**: once a model is resident it
-keeps running that model's ready tasks. Grouping must not starve anyone, so every
-ready group is **ranked** by
+context) with a VRAM size. Switching a GPU from one model to another costs an unload
+and a load, often seconds, so the policy's first job is to **group**: once a model is
+resident it keeps running that model's ready tasks for as long as making the others wait
+costs less than a switch.
 
-1. staleness: a group whose oldest ready task has waited ``max_wait`` seconds or more
-   jumps ahead of everything else (oldest first);
+**Switch cost and patience.** A slot's *switch cost* is its measured load (or restore)
+time plus its measured unload time (``load_cost + unload_cost``, EWMAs kept by the
+engine): switching to a model and, later, away from it again. Its *patience* is
+
+    P(s) = max(max_wait, switch_factor x switch_cost(s))
+
+``max_wait`` is the documented floor (30 s by default), ``switch_factor`` ``k`` (4) the
+multiple. A group's *wait* runs from ``waiting_since``: the later of its oldest ready
+task's ready time and the end of its last group, so a group that just ran starts a fresh
+wait. A group whose wait reached its patience is **urgent**.
+
+**Ranking** (best first; :func:`rank_key`):
+
+1. urgent groups, the one waiting longest first (compared against the threshold, then by
+   the recorded time the wait began, never by tiny differences between two waits);
 2. QoS tier: GUARANTEED, then BURSTABLE, then BEST_EFFORT;
-3. effective priority: the group's highest task priority plus one level per ``aging``
-   seconds its oldest task has waited;
+3. priority class: the best priority among the group's ready tasks (no aging: a waiting
+   group does not climb classes, so equal-priority backlog does not ping-pong);
 4. residency: a resident (or loading) model needs no load, so it goes first;
-5. the fuller queue, then the older head.
+5. the fuller queue, the earlier wait, the name.
 
 :func:`plan` walks the ranking and starts every group whose model fits the budget,
 evicting idle models when needed (:func:`choose_victims`). When the best-ranked group
 cannot get memory, groups below it may still run if they need no new memory, but may
 not take memory the blocked group is waiting for: that is what keeps a large model from
-starving behind a stream of small ones. A running group asks :func:`should_yield` before
-each next task; it yields to a blocked group that ranks above it.
+starving behind a stream of small ones. When the blocked group would fit once the running
+groups it outranks stepped aside, the idle models it would evict are *held* for it (not
+restarted), and those running groups yield at their next task boundary, so a group blocked
+by several running ones is not starved either.
 
-Eviction order among resident, idle, unpinned models whose tier is at most the
-requester's: BEST_EFFORT first, then models with no queued work, then lower priority,
-then least recently used, then the cheapest to reload. A model's *charge* is
-``max(reserved, used)``, so evicting a BURSTABLE model frees only its burst above the
-base; GUARANTEED models free nothing and are never chosen.
+**Yielding.** A running group asks :func:`should_yield` before each next task. The answer
+is *defined by* :func:`plan`: the group yields exactly when a plan made with it idle would
+not start it again (it evicts it for a better-ranked group, or holds it for a blocked one). So plan and should_yield share one notion of what is
+blocked and by whom, and a group told to yield is never restarted by the next plan in its
+place (the livelock of issue 14, entry 1). In that hypothetical plan the running group
+counts as having waited nothing (it is being served), except during its *quantum*: for
+``P(self)`` seconds after its group started it keeps the wait it had when it started.
+Consequences:
+
+- a strictly higher priority class (or QoS tier) pre-empts at a task boundary, unless the
+  running group was switched in as urgent and is within its quantum;
+- an equal-class waiting group pre-empts only once it is urgent, so a running model keeps
+  its backlog until the others have waited ``k`` switch costs (never a switch per task);
+- several urgent groups take turns, each keeping the GPU for its quantum.
+
+**Starvation bound.** A ready group W that cannot start for memory is started no later than
+
+    P(W) + sum over the other groups j of (P(j) + switch_cost(j) + tau)
+
+after its wait began, where ``tau`` is the longest single task (or batch) run: it turns
+urgent after ``P(W)``, and each urgent group ranked ahead of it holds the GPU for at most
+its quantum plus one task and a switch. Inside one model's queue, tasks go by priority,
+but a task that has waited ``max_wait`` is served before any younger task (the engine's
+:class:`~gpuctx.models.Slot` promotes it), so no task waits forever behind a stream of
+higher-priority tasks of its own model.
+
+**Eviction** (future-aware, Belady). Among resident, idle, unpinned models whose tier is
+at most the requester's: BEST_EFFORT first, then the model whose next use is furthest
+away (``next_use``: 0 with ready work, 1 with only pending work, waiting for
+dependencies, inf with nothing queued), then lower priority, then least recently used,
+then the cheapest to reload. A model's *charge* is ``max(reserved, used)``, so evicting a
+BURSTABLE model frees only its burst above the base; GUARANTEED models free nothing and
+are never chosen.
 
 Nothing here locks, sleeps, or touches a device; :mod:`gpuctx.sim` replays the same
 functions on a virtual clock.
@@ -33,7 +76,7 @@ functions on a virtual clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 __all__ = [
@@ -48,9 +91,13 @@ __all__ = [
     "choose_victims",
     "fits_ever",
     "free_bytes",
+    "next_use",
+    "patience",
     "plan",
     "rank_key",
     "should_yield",
+    "stepped_aside",
+    "switch_cost",
 ]
 
 BEST_EFFORT, BURSTABLE, GUARANTEED = 0, 1, 2
@@ -65,9 +112,10 @@ ABSENT, LOADING, RESIDENT, EVICTING, OFFLOADED = "absent", "loading", "resident"
 class PolicyParams:
     """Knobs of the policy (seconds)."""
 
-    max_wait: float = 30.0       # staleness bound: a ready task older than this goes first
-    aging: float = 10.0          # one priority level gained per this many seconds waited
+    max_wait: float = 30.0       # floor of the patience; in a queue, a task older than this goes first
+    aging: float = 10.0          # no longer ranks groups (it made them ping-pong); kept for configure()
     latency_priority: int = 10   # priority at or above which tasks skip batching windows
+    switch_factor: float = 4.0   # k: a waiting group turns urgent after k switch costs (floor max_wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +138,11 @@ class SlotView:
     pending: int = 0             # tasks still waiting for dependencies
     head_priority: int = 0       # best priority among ready tasks
     oldest: float = 0.0          # ready time of its oldest ready task
+    unload_cost: float = 0.0     # seconds its last unloads/offloads took (EWMA)
+    waiting_since: float | None = None  # when its current wait began (None: ``oldest``); when busy,
+    #                                     the value it had when its group started
+    started: float | None = None  # when its running group started (None when idle)
+    next_use: float | None = None  # estimated distance to its next use (None: from queued/pending)
 
     @property
     def resident(self) -> bool:
@@ -139,26 +192,47 @@ def fits_ever(size: int, slot: str, reserved: int, budget: int, others_reserved:
     return max(size, reserved) <= budget - others_reserved
 
 
+def switch_cost(s: SlotView) -> float:
+    """Seconds a switch to ``s`` and away again costs: its load (or restore) plus its unload."""
+    return s.load_cost + s.unload_cost
+
+
+def patience(s: SlotView, params: PolicyParams) -> float:
+    """How long ``s``'s ready work waits before it is urgent: ``max(max_wait, k x switch cost)``."""
+    return max(params.max_wait, params.switch_factor * switch_cost(s))
+
+
+def next_use(queued: int, pending: int) -> float:
+    """Distance to a slot's next use, for furthest-next-use eviction: 0 ready, 1 pending, inf none."""
+    return 0.0 if queued else 1.0 if pending else float("inf")
+
+
+def _since(s: SlotView) -> float:
+    return s.oldest if s.waiting_since is None else s.waiting_since
+
+
+def _next_use(s: SlotView) -> float:
+    return next_use(s.queued, s.pending) if s.next_use is None else s.next_use
+
+
 def rank_key(s: SlotView, now: float, params: PolicyParams) -> tuple:
     """Sort key, best first when sorted ascending."""
-    waited = max(0.0, now - s.oldest)
-    stale = waited >= params.max_wait
-    eff = s.head_priority + (int(waited // params.aging) if params.aging > 0 else 0)
+    since = _since(s)
+    urgent = now - since >= patience(s, params)
     return (
-        0 if stale else 1,
-        -waited if stale else 0.0,
+        0 if urgent else 1,
+        since if urgent else 0.0,
         -s.qos,
-        -eff,
+        -s.head_priority,
         0 if s.resident else 1,
         -s.queued,
-        s.oldest,
+        since,
         s.name,
     )
 
 
 def _victim_key(s: SlotView) -> tuple:
-    has_work = (s.queued + s.pending) > 0
-    return (s.qos, has_work, s.priority, s.last_used, s.load_cost, s.name)
+    return (s.qos, -_next_use(s), s.priority, s.last_used, s.load_cost, s.name)
 
 
 def choose_victims(slots: Iterable[SlotView], need: int, requester: SlotView | None = None) -> tuple[str, ...] | None:
@@ -214,9 +288,10 @@ def plan(snapshot: Snapshot) -> list[Start]:
     starts: list[Start] = []
     blocked = False
     started: set[str] = set()
+    held: set[str] = set()
     for s in ready:
-        if s.name in evicting:
-            continue  # chosen as a victim by a better-ranked group in this same plan
+        if s.name in evicting or s.name in held:
+            continue  # a victim of a better-ranked group in this same plan, or held for a blocked one
         need = need_bytes(s)
         if need == 0:
             starts.append(Start(s.name))
@@ -234,6 +309,7 @@ def plan(snapshot: Snapshot) -> list[Start]:
         victims = choose_victims(pool, need - free, requester=s)
         if victims is None:
             blocked = True
+            held = _held_for(snapshot, s, pool, need - free)
             continue
         for v in victims:
             free += slots[v].used - slots[v].reserved
@@ -244,36 +320,47 @@ def plan(snapshot: Snapshot) -> list[Start]:
     return starts
 
 
+def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int) -> set[str]:
+    """Idle models kept for the blocked group ``s``: the victims it would take if the running
+    groups it outranks (once they step aside) were idle too; they do not start again meanwhile,
+    and those running groups yield at their next task boundary. Empty when that would not do."""
+    now, params = snapshot.now, snapshot.params
+    mine = rank_key(s, now, params)
+    widened = [_aside(v, now, params) if v.busy and rank_key(_aside(v, now, params), now, params) > mine else v
+               for v in pool]
+    victims = choose_victims(widened, short, requester=s)
+    return set(victims) if victims is not None else set()
+
+
+def _aside(s: SlotView, now: float, params: PolicyParams) -> SlotView:
+    quantum = s.started is not None and now - s.started < patience(s, params)
+    return replace(s, busy=False, started=None, waiting_since=_since(s) if quantum else now)
+
+
+def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:
+    """``snapshot`` with ``running``'s group idle, as the plan after it ended would see it.
+
+    It has waited nothing (it was being served), unless it is within its quantum (``patience``
+    seconds since its group started): then it keeps the wait it had when it started.
+    """
+    views = tuple(_aside(s, snapshot.now, snapshot.params) if s.name == running else s for s in snapshot.slots)
+    return Snapshot(now=snapshot.now, budget=snapshot.budget, slots=views, params=snapshot.params)
+
+
 def should_yield(snapshot: Snapshot, running: str) -> bool:
     """True when the group running ``running`` should stop before its next task.
 
-    It yields to a ready group that ranks above it and cannot start while ``running``
-    holds its memory. A group with no ready task left ends anyway.
+    Exactly when :func:`plan`, made with that group idle (:func:`stepped_aside`), would not
+    start it again: it evicts its model for a better-ranked group, or holds it for a blocked
+    one. The next plan then does the same, never restarting it in that group's place. A group
+    with no ready task left ends anyway.
     """
-    params = snapshot.params
     me = next((s for s in snapshot.slots if s.name == running), None)
     if me is None or me.queued == 0:
         return True
-    mine = rank_key(me, snapshot.now, params)
-    free = free_bytes(snapshot)
-    for s in snapshot.slots:
-        if s.name == running or s.queued == 0 or s.busy:
-            continue
-        if rank_key(s, snapshot.now, params) >= mine:
-            continue
-        need = need_bytes(s)
-        if need <= free:
-            continue  # it can start beside us; the dispatcher will start it
-        # Would it fit if we stepped aside and our model became evictable?
-        idle_me = SlotView(**{**_asdict(me), "busy": False, "queued": 0, "pending": 0})
-        others = [idle_me if v.name == running else v for v in snapshot.slots]
-        if choose_victims(others, need - free, requester=s) is not None:
-            return True
-    return False
-
-
-def _asdict(s: SlotView) -> dict:
-    return {f: getattr(s, f) for f in SlotView.__slots__}
+    if not any(s.queued and not s.busy and s.name != running for s in snapshot.slots):
+        return False
+    return all(start.slot != running for start in plan(stepped_aside(snapshot, running)))
 
 
 def order_victims_for_oom(slots: Sequence[SlotView], keep: str) -> tuple[str, ...]:

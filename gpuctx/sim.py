@@ -141,9 +141,20 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
         t0 = driver.clock()
         by_id = {t.id: t for t in tasks}
         arrives: dict[int, float] = {}   # a call cannot be made before the calls it takes as arguments
-        for t in sorted(tasks, key=lambda t: t.id):
-            arrives[t.id] = max([t.arrival] + [arrives[d] for d in t.deps])
-        for tid in sorted(arrives, key=lambda i: (arrives[i], i)):
+        topo: dict[int, int] = {}
+        for t in tasks:
+            stack = [t.id]
+            while stack:   # dependencies first, in any id order
+                i = stack[-1]
+                todo = [d for d in by_id[i].deps if d not in arrives]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                stack.pop()
+                if i not in arrives:
+                    arrives[i] = max([by_id[i].arrival] + [arrives[d] for d in by_id[i].deps])
+                    topo[i] = len(topo)
+        for tid in sorted(arrives, key=lambda i: (arrives[i], topo[i])):
             t = by_id[tid]
             if arrives[tid] > 0:
                 gate.set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,8 +159,230 @@ def test_no_yield_when_the_other_group_fits_beside():
     assert plan(snap) == [Start("b", (), 2 * G)]
 
 
-def test_aging_raises_effective_priority():
-    p = PolicyParams(aging=1.0, max_wait=1000)
+def test_urgency_not_aging_lifts_a_waiting_group_above_a_higher_class():
+    p = PolicyParams(aging=1.0, max_wait=10)            # patience max(10, 4 x 1 s) = 10 s
     young_hi = view("a", 1, queued=1, head_priority=3, oldest=99.5)
     old_lo = view("b", 1, queued=1, head_priority=0, oldest=95)
-    assert policy.rank_key(old_lo, 100, p) < policy.rank_key(young_hi, 100, p)
+    assert policy.rank_key(young_hi, 100, p) < policy.rank_key(old_lo, 100, p)   # 5 s: no aging
+    assert policy.rank_key(old_lo, 105, p) < policy.rank_key(young_hi, 105, p)   # 10 s: urgent
+
+
+
+# -- issue 14, entry 1: plan and should_yield share one notion of what is blocked --------------------
+
+def _entry1(b_busy: bool) -> Snapshot:
+    """Budget 8 GB; A and C busy; B resident with 3 queued; D (4 GB, priority 9) and E (priority 5) queued."""
+    return Snapshot(now=10, budget=8 * G, slots=(
+        SlotView("A", int(2.5 * G), state=RESIDENT, used=int(2.5 * G), busy=True, queued=1, oldest=9),
+        SlotView("C", 2 * G, state=RESIDENT, used=2 * G, busy=True, queued=1, oldest=9),
+        SlotView("B", int(2.5 * G), state=RESIDENT, used=int(2.5 * G), busy=b_busy, queued=3, oldest=9),
+        SlotView("D", 4 * G, queued=1, head_priority=9, oldest=9),
+        SlotView("E", int(2.5 * G), queued=1, head_priority=5, oldest=9),
+    ))
+
+
+def test_livelock_repro_plan_and_should_yield_agree():
+    # D (priority 9) is blocked by the running A and C. Neither E nor B takes the memory D waits
+    # for: B is held for D, and told to yield, consistently (before: plan started B, should_yield
+    # stopped it before its first task, forever).
+    assert plan(_entry1(b_busy=False)) == []
+    assert should_yield(_entry1(b_busy=True), "B")
+    # A steps aside at its next task boundary: then D starts, evicting A and B.
+    assert should_yield(_entry1(b_busy=False), "A")
+    assert plan(policy.stepped_aside(_entry1(b_busy=False), "A")) == [Start("D", ("A", "B"), 4 * G)]
+
+
+def test_a_group_blocked_by_two_running_groups_is_not_starved():
+    # W (urgent) needs the memory of both running groups: each yields at its boundary, in turn.
+    snap = Snapshot(now=100, budget=4 * G, params=P, slots=(
+        view("x", 2, state=RESIDENT, used=2 * G, busy=True, queued=9, waiting_since=99),
+        view("y", 2, state=RESIDENT, used=2 * G, busy=True, queued=9, waiting_since=99),
+        view("w", 4, queued=1, waiting_since=0),
+    ))
+    assert should_yield(snap, "x")
+    x_idle = policy.stepped_aside(snap, "x")
+    assert plan(x_idle) == []                                   # x is held for w, not restarted
+    assert should_yield(x_idle, "y")
+    assert plan(policy.stepped_aside(x_idle, "y")) == [Start("w", ("x", "y"), 4 * G)]
+
+
+@st.composite
+def running_snapshots(draw):
+    snap = draw(snapshots())
+    slots = []
+    for s in snap.slots:
+        since = draw(st.floats(0, 100))
+        busy = s.busy
+        slots.append(replace(s, waiting_since=since, started=draw(st.floats(since, 100)) if busy else None,
+                             unload_cost=draw(st.floats(0, 5))))
+    params = PolicyParams(max_wait=draw(st.sampled_from([0.0, 5.0, 30.0])), switch_factor=draw(st.sampled_from([1.0, 4.0])))
+    return Snapshot(now=100.0, budget=snap.budget, slots=tuple(slots), params=params)
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(running_snapshots())
+def test_a_group_told_to_yield_is_not_restarted_in_its_place(snap):
+    for r in snap.slots:
+        if not (r.busy and r.resident and r.queued):
+            continue
+        if should_yield(snap, r.name):
+            # The plan once it has ended (idle, fresh wait) does not restart it in that group's place.
+            after = Snapshot(now=snap.now, budget=snap.budget, params=snap.params, slots=tuple(
+                replace(s, busy=False, started=None, waiting_since=snap.now)
+                if s.name == r.name else s for s in snap.slots))
+            starts = plan(after)
+            assert all(st_.slot != r.name for st_ in starts)    # evicted, or held for a blocked group
+
+
+# -- switch-cost-aware grouping -----------------------------------------------------------------------
+
+P = PolicyParams(max_wait=5.0, switch_factor=4.0)
+
+
+def _pair(now, *, me_prio=0, other_prio=0, other_since=0.0, me_started=None, me_since=0.0, load=2.0, unload=0.5):
+    """``me`` runs (busy, 3 GB of 4); ``other`` (3 GB) waits for its memory."""
+    me = view("me", 3, state=RESIDENT, used=3 * G, busy=True, queued=20, head_priority=me_prio,
+              waiting_since=me_since, started=me_started, load_cost=load, unload_cost=unload)
+    other = view("other", 3, queued=20, head_priority=other_prio, waiting_since=other_since,
+                 load_cost=load, unload_cost=unload)
+    return Snapshot(now=now, budget=4 * G, slots=(me, other), params=P)
+
+
+def test_patience_is_k_switch_costs_with_max_wait_as_floor():
+    assert policy.patience(view("x", 1, load_cost=2.0, unload_cost=0.5), P) == 10.0   # 4 x 2.5 s
+    assert policy.patience(view("x", 1, load_cost=0.1, unload_cost=0.0), P) == 5.0    # the floor
+
+
+def test_equal_priority_backlog_does_not_ping_pong():
+    # The other group's work waited 9.9 s, under its patience (10 s): the running model keeps serving.
+    assert not should_yield(_pair(9.9), "me")
+    # At its patience it pre-empts at the task boundary.
+    assert should_yield(_pair(10.0), "me")
+
+
+def test_strictly_higher_class_pre_empts_at_a_task_boundary():
+    assert should_yield(_pair(0.1, other_prio=1), "me")
+    assert not should_yield(_pair(0.1, me_prio=1), "me")     # a lower class waits for its patience
+
+
+def test_a_group_switched_in_as_urgent_keeps_its_quantum():
+    # "me" started at 20 after waiting since 0 (urgent); the other has waited 10 s since 10.
+    snap = _pair(29.0, other_since=10.0, other_prio=5, me_started=20.0, me_since=0.0)
+    assert not should_yield(snap, "me")                     # within its 10 s quantum, not even priority 5
+    assert should_yield(_pair(30.0, other_since=10.0, other_prio=5, me_started=20.0, me_since=0.0), "me")
+
+
+def test_thresholds_not_tiny_differences_decide():
+    # Two urgent groups whose waits differ by a microsecond are ordered by when each wait began,
+    # and one below its threshold never overtakes by being a hair older.
+    a = view("a", 3, queued=1, waiting_since=0.0)
+    b = view("b", 3, queued=1, waiting_since=1e-6)
+    assert sorted([b, a], key=lambda s: policy.rank_key(s, 100, P))[0].name == "a"
+    young = view("y", 3, queued=1, waiting_since=95.000001, state=RESIDENT, used=3 * G)
+    old = view("o", 3, queued=1, waiting_since=95.0)
+    assert policy.rank_key(young, 99.9, P) < policy.rank_key(old, 99.9, P)   # residency, not 1 us
+
+
+# -- future-aware eviction ----------------------------------------------------------------------------
+
+def test_eviction_prefers_the_model_used_furthest_in_the_future():
+    slots = [
+        view("ready", 2, state=RESIDENT, used=2 * G, queued=2, last_used=0),
+        view("pending", 2, state=RESIDENT, used=2 * G, pending=1, last_used=0),
+        view("unused", 2, state=RESIDENT, used=2 * G, last_used=9),     # used most recently, but never again
+    ]
+    assert choose_victims(slots, 2 * G) == ("unused",)
+    assert choose_victims(slots, 4 * G) == ("unused", "pending")
+    assert choose_victims([replace(s, next_use=5.0) if s.name == "ready" else s for s in slots], 4 * G) \
+        == ("unused", "ready")                                            # an explicit estimate wins
+    assert choose_victims(slots, 2 * G, requester=view("r", 2, qos=BEST_EFFORT)) is None   # tiers rule first
+
+
+def test_tiers_pins_and_guarantees_still_rule_eviction():
+    slots = [
+        view("g", 2, state=RESIDENT, used=2 * G, reserved=2 * G, qos=GUARANTEED),
+        view("pinned", 2, state=RESIDENT, used=2 * G, pinned=True),
+        view("best", 2, state=RESIDENT, used=2 * G, qos=BEST_EFFORT, queued=5),
+        view("burst", 2, state=RESIDENT, used=2 * G),
+    ]
+    assert choose_victims(slots, 2 * G) == ("best",)        # BEST_EFFORT first, even with ready work
+    assert choose_victims(slots, 6 * G) is None
+    assert choose_victims(slots, 2 * G, requester=view("r", 1, qos=BEST_EFFORT)) == ("best",)
+
+
+# -- the virtual-clock driver: whole traces ---------------------------------------------------------
+
+def test_backlog_of_three_models_loads_each_once_not_per_task():
+    from gpuctx.sim import SimModel, SimTask, simulate
+    models = [SimModel(n, 2 * G, 1.0) for n in "abc"]
+    tasks = [SimTask(i * 3 + j, n, 0.0, 0.05) for i in range(30) for j, n in enumerate("abc")]
+    for params in (PolicyParams(max_wait=0.0, aging=0.01), PolicyParams()):
+        r = simulate(models, tasks, 3 * G, params=params)    # one model at a time
+        assert r.loads == 3, params                          # 30 x 0.05 s < 4 x 1 s: no switch
+
+
+def test_long_backlog_switches_once_per_patience_not_per_task():
+    from gpuctx.sim import SimModel, SimTask, simulate
+    models = [SimModel("a", 2 * G, 1.0), SimModel("b", 2 * G, 1.0)]
+    tasks = [SimTask(i * 2 + j, n, 0.0, 0.1) for i in range(200) for j, n in enumerate("ab")]
+    r = simulate(models, tasks, 3 * G, params=PolicyParams(max_wait=0.0))
+    work, patience, load, task = 400 * 0.1, 4.0, 1.0, 0.1
+    # Each slice serves its patience less the load it began with: never one load per task.
+    assert 2 < r.loads <= 2 + work / (patience - load)
+    # The bound: once its last task ends, a model's wait begins; it is served again within its
+    # patience, the other's task in progress and its load.
+    for m in "ab":
+        starts = sorted(r.start[t.id] for t in tasks if t.model == m)
+        gaps = [y - x for x, y in zip(starts, starts[1:])]
+        assert max(gaps) <= task + (patience + task + load) + 1e-9
+    again = simulate(models, tasks, 3 * G, params=PolicyParams(max_wait=0.0))
+    assert (again.loads, again.start) == (r.loads, r.start)                    # deterministic
+
+
+def test_interleaved_rounds_of_two_models_take_four_loads():
+    from gpuctx.sim import SimModel, SimTask, simulate
+    # Each round's two calls wait on a gate task (model g, resident throughout), so they are
+    # ready together: the resident model serves its call first. g once, then a b | b a | a b.
+    models = [SimModel("a", 2 * G, 1.0), SimModel("b", 2 * G, 1.0), SimModel("g", 1 * G, 0.0)]
+    tasks = []
+    for r in range(3):
+        tasks += [SimTask(10 + r, "g", r * 10.0, 0.1), SimTask(r * 2, "a", r * 10.0, 0.1, (10 + r,)),
+                  SimTask(r * 2 + 1, "b", r * 10.0, 0.1, (10 + r,))]
+    assert simulate(models, tasks, 3 * G).loads == 1 + 4
+
+
+def test_higher_class_pre_empts_a_backlog_at_a_task_boundary():
+    from gpuctx.sim import SimModel, SimTask, simulate
+    models = [SimModel("batch", 2 * G, 1.0), SimModel("chat", 2 * G, 1.0)]
+    tasks = [SimTask(i, "batch", 0.0, 0.5) for i in range(40)] + [SimTask(100, "chat", 3.2, 0.1, priority=5)]
+    r = simulate(models, tasks, 3 * G)
+    assert r.start[100] == 3.5 + 1.0                      # the batch task running at 3.2 ends at 3.5; chat loads
+    assert r.loads == 3
+
+
+# -- inside one model's queue (issue 14, entry 14) -----------------------------------------------------
+
+class _T:
+    def __init__(self, priority, ready_at):
+        from gpuctx.task import TaskState
+        self.priority, self._ready_at, self.state, self._batch_key = priority, ready_at, TaskState.QUEUED, None
+
+
+def test_slot_queue_promotes_an_overdue_task_over_higher_priorities():
+    from gpuctx.models import Slot
+    from gpuctx.task import TaskState
+    slot = Slot("m")
+    low = _T(0, 0.0)
+    slot.push(low)
+    for i in range(3):
+        slot.push(_T(5, 1.0 + i))
+    assert slot.peek(1.5, promote_after=2.0).priority == 5       # not overdue yet: priority order
+    assert slot.peek(2.0, promote_after=2.0) is low               # waited max_wait: oldest first
+    assert slot.pop_head() is low
+    low.state = TaskState.RUNNING
+    got = []
+    while slot.queued:
+        t = slot.peek(2.0, promote_after=2.0)
+        got.append(slot.pop_head())
+        t.state = TaskState.RUNNING
+    assert [t.priority for t in got] == [5, 5, 5] and low not in got and not slot._heap and not slot._gone

@@ -349,7 +349,8 @@ def test_cycle_between_functions_is_an_error_at_submit(fresh):
     assert gpuctx.scheduler().tasks() == []
 
 
-def test_priority_order_within_a_model(fresh, gate):
+def _order_within_a_model(gate, priorities):
+    """Queue one call per priority behind a held task of the same model; the order they ran in."""
     release = gate()
     order = []
 
@@ -362,38 +363,21 @@ def test_priority_order_within_a_model(fresh, gate):
         order.append(tag)
 
     h = hold()
-    ts = [job.options(priority=p)(f"p{p}-{i}") for i, p in enumerate([0, 5, 1, 5, 9])]
+    ts = [job.options(priority=p)(f"p{p}-{i}") for i, p in enumerate(priorities)]
     release.set()
     gpuctx.wait(ts + [h], timeout=TIMEOUT)
-    assert order == ["p9-4", "p5-1", "p5-3", "p1-2", "p0-0"]
+    return order
 
 
-def test_higher_priority_model_goes_before_grouping(fresh, gate):
-    gpuctx.configure(budget="2GB")
-    log: list = []
-    make_model("a", vram="1.5GB", log=log)
-    make_model("b", vram="1.5GB", log=log)
-    release = gate()
-    order = []
+def test_priority_order_within_a_model(fresh, gate):
+    assert _order_within_a_model(gate, [0, 5, 1, 5, 9]) == ["p9-4", "p5-1", "p5-3", "p1-2", "p0-0"]
 
-    @gpuctx.gpu_task(model="a")
-    def hold():
-        release.wait(TIMEOUT)
 
-    @gpuctx.gpu_task(model="a")
-    def on_a(i):
-        order.append(("a", i))
-
-    @gpuctx.gpu_task(model="b", priority=5)
-    def on_b():
-        order.append(("b",))
-
-    h = hold()
-    ts = [on_a(i) for i in range(3)]
-    urgent = on_b()
-    release.set()
-    gpuctx.wait(ts + [h, urgent], timeout=TIMEOUT)
-    assert order[0] == ("b",)
+def test_an_overdue_task_is_not_starved_by_higher_priorities_of_its_model(fresh, gate):
+    # Issue 14, entry 14: a task that waited max_wait goes before every younger one. With
+    # max_wait=0 every queued task is overdue at once, so the queue is served oldest first.
+    gpuctx.configure(max_wait=0.0)
+    assert _order_within_a_model(gate, [0, 5, 5, 9]) == ["p0-0", "p5-1", "p5-2", "p9-3"]
 
 
 def test_different_models_run_concurrently_when_the_budget_allows(fresh):

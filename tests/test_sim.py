@@ -111,3 +111,22 @@ def test_illegal_slot_and_task_moves_raise_naming_both_states(fresh):
     with sched._cond, pytest.raises(IllegalTransition, match="from 'done' to 'failed'"):
         sched._end_locked(t, TaskState.FAILED, "exception", RuntimeError("late"), [], "failed")
     assert t.state.value == "done" and t.result(0) == 1    # nothing changed
+
+
+def test_no_starvation_bound_behind_a_busy_resident_model():
+    params = policy.PolicyParams(max_wait=5.0, aging=1000.0)
+    models = [SimModel("hot", 3 * GB, 1.0), SimModel("cold", 3 * GB, 2.0)]
+    tasks = [SimTask(i, "hot", i * 0.5, 0.5) for i in range(200)]   # a never-ending stream
+    tasks.append(SimTask(999, "cold", 1.0, 0.5))
+    r = simulate(models, tasks, 4 * GB, params=params)
+    # Documented bound: cold's patience max(max_wait, k x switch cost), one hot task, cold's load.
+    bound = policy.patience(policy.SlotView("cold", 3 * GB, load_cost=2.0), params)
+    assert r.waits[999] <= bound + 0.5 + 2.0
+
+
+def test_the_video_pipeline_runs_at_every_budget_without_a_livelock():
+    models, tasks = video_pipeline(20)
+    for budget in (6, 8, 10, 14, 20):               # 6 GB livelocked before (issue 14, entry 1)
+        r = simulate(models, tasks, budget * GB)
+        assert r.peak <= budget * GB and len(r.end) == len(tasks)
+        assert r.loads <= 8

@@ -18,12 +18,24 @@ class _Dispatch:
         views = []
         for s in self._slots.values():
             oldest = s.oldest_queued() if s.queued else None
+            ready_at = oldest._ready_at if oldest is not None else now
+            # The policy's quantum: an idle slot's wait starts at the later of its oldest ready
+            # task and the end of its last group; a busy one keeps the wait it had when its group
+            # started. _dispatch_locked snapshots right before it marks a slot busy, so the first
+            # busy snapshot dates the group's start to that last idle look.
+            if s.busy:
+                if s.group_start is None:
+                    s.group_start = s.seen_idle
+            else:
+                s.group_start, s.seen_idle = None, now
+                s.waiting_since = max(ready_at, s.last_used) if oldest is not None else now
             views.append(policy.SlotView(
                 name=s.name, size=s.size, state=s.state, used=self._ledger.used.get(s.name, 0),
                 reserved=self._ledger.reserved.get(s.name, 0), claim=self._ledger.claims.get(s.name, 0),
                 busy=s.busy, pinned=s.pin, priority=s.priority, qos=s.qos, last_used=s.last_used,
                 load_cost=s.load_cost, queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
-                oldest=oldest._ready_at if oldest is not None else now,
+                oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
+                started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
 

@@ -99,7 +99,7 @@ class _Groups:
             return []
         if self._others_waiting_locked(slot) and policy.should_yield(self._snapshot_locked(), slot.name):
             return []
-        head = slot.peek()
+        head = slot.peek(self._clock(), self.config.max_wait)   # an overdue task goes first
         if head is None:
             return []
         spec: TaskSpec = head._spec
@@ -113,7 +113,8 @@ class _Groups:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-        return slot.take_matching(head._batch_key, spec.batch_size)
+        return slot.take_matching(head._batch_key, spec.batch_size,
+                                  first=head if head.state is _QUEUED else None)   # unless withdrawn meanwhile
 
     @staticmethod
     def _count_matching(slot: Slot, key: Any) -> int:

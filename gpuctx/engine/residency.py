@@ -155,6 +155,7 @@ class _Residency:
             with self._cond:
                 slot.obj = obj if offloaded else None
                 slot_to(slot, policy.OFFLOADED if offloaded else policy.ABSENT)
+                slot.unload_cost = dt if not slot.unload_cost else 0.5 * slot.unload_cost + 0.5 * dt
                 self._ledger.release(slot.name)
                 self.trace.record("offload" if offloaded else "unload", model=slot.name, context=slot.name,
                                   nbytes=nbytes, reason=reason, duration=dt, vram=self._ledger.committed())
