@@ -162,3 +162,16 @@ def test_cpu_device_measures_only_torch_objects(fresh):
     assert dev.load("m", lambda: lin) == (lin, 80)
     assert dev.load("m", lambda: {"a": lin.weight, "b": lin.weight})[1] == 64
     assert dev.load("m", lambda: "not a model")[1] is None
+
+
+def test_gpu_models_bench_runs_in_cpu_smoke_mode(fresh, cache, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_models.py"
+    spec = importlib.util.spec_from_file_location("gpu_models_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--cpu-smoke", "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and "bit-exact True" in out
