@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["NAMES", "DECLARED", "WEIGHTS", "available", "config", "checkpoint", "load", "loader", "inputs", "run",
+__all__ = ["NAMES", "DECLARED", "WEIGHTS", "LOAD_LOCK", "available", "config", "checkpoint", "load", "loader", "inputs", "run",
            "register", "submit_clips", "run_directly", "param_bytes", "default_cache"]
 
 NAMES = ("whisper", "videomae", "clap", "qwen3", "dinov3")
@@ -86,9 +86,10 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 _SIZES = tuple(_CONFIGS)
-# from_pretrained builds the module under a process-wide meta-device / skip-init patch: two loads in
-# two threads at once (gpuctx loads contexts in parallel) get each other's meta tensors. One at a time.
-_LOAD_LOCK = threading.Lock()
+#: Hold this around ``from_pretrained`` in a loader of your own. It builds the module under a
+#: process-wide meta-device / skip-init patch, so two loads in two threads at once (gpuctx loads
+#: models of different contexts in parallel) get each other's meta tensors. One at a time.
+LOAD_LOCK = threading.Lock()
 
 
 class _QuietGenerate:
@@ -182,7 +183,7 @@ def load(name: str, folder: str | os.PathLike, device: Any = "cpu", dtype: Any =
     _check(name, "tiny")
     cls = getattr(_transformers(), _CLASSES[name][1])
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    with _LOAD_LOCK:
+    with LOAD_LOCK:
         model = cls.from_pretrained(folder, local_files_only=True, **kwargs)   # read on the host, then moved:
     if str(device) != "cpu":                                                # device_map= would need accelerate
         model = model.to(device)
