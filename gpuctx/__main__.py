@@ -108,7 +108,8 @@ def demo(clips: int = 6, budget: str = "8GB", device: str = "auto", real: bool |
         dtype = torch.bfloat16 if on_gpu else None
         print(f"models: Whisper, VideoMAE, CLAP, Qwen3, DINOv3 with random weights ({size} configs), "
               f"read from safetensors checkpoints in {zoo.default_cache()}")
-        zoo.register(size, dtype=dtype)   # builds and saves each checkpoint the first time only
+        # builds and saves each checkpoint the first time only (on the GPU: real sizes are large)
+        zoo.register(size, dtype=dtype, build_device=s.device.name if on_gpu else "cpu")
         t0 = time.perf_counter()
         tasks = zoo.submit_clips(clips, size)
     else:

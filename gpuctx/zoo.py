@@ -191,13 +191,14 @@ def load(name: str, folder: str | os.PathLike, device: Any = "cpu", dtype: Any =
 
 
 def loader(name: str, size: str = "tiny", cache: str | os.PathLike | None = None, *,
-           dtype: Any = None, on_load: Callable[[str], Any] | None = None) -> Callable[[], Any]:
+           dtype: Any = None, on_load: Callable[[str], Any] | None = None,
+           build_device: Any = "cpu") -> Callable[[], Any]:
     """A ``@gpuctx.model`` loader: reads ``name``'s checkpoint onto ``gpuctx.current_device()``.
 
-    The checkpoint is built (once) now, so the loader only reads from disk. ``on_load(name)``
-    is called at each load, for counting.
+    The checkpoint is built (once, on ``build_device``) now, so the loader only reads from disk.
+    ``on_load(name)`` is called at each load, for counting.
     """
-    folder = checkpoint(name, size, cache, dtype=dtype)
+    folder = checkpoint(name, size, cache, dtype=dtype, device=build_device)
 
     def load_from_disk() -> Any:
         import gpuctx
@@ -303,18 +304,20 @@ def run(name: str, model: Any, batch: dict[str, Any], *, new_tokens: int = 8) ->
 
 # --------------------------------------------------------------------------- the pipeline under gpuctx
 def register(size: str = "tiny", cache: str | os.PathLike | None = None, *, vram: dict[str, Any] | None = None,
-             dtype: Any = None, on_load: Callable[[str], Any] | None = None) -> dict[str, Path]:
+             dtype: Any = None, on_load: Callable[[str], Any] | None = None,
+             build_device: Any = "cpu") -> dict[str, Path]:
     """Register the five models with ``@gpuctx.model`` (loaders read their checkpoints); return the folders.
 
     ``vram`` maps a name to its declared size or ``"auto"`` (measured at load); the default
-    declares the seed's sizes (:data:`DECLARED`).
+    declares the seed's sizes (:data:`DECLARED`). Missing checkpoints are built on
+    ``build_device`` first (a GPU makes the real sizes' random weights much faster).
     """
     import gpuctx
 
     sizes = {**DECLARED, **(vram or {})}
     folders = {}
     for name in NAMES:
-        load_fn = loader(name, size, cache, dtype=dtype, on_load=on_load)
+        load_fn = loader(name, size, cache, dtype=dtype, on_load=on_load, build_device=build_device)
         folders[name] = checkpoint(name, size, cache, dtype=dtype)
         gpuctx.model(name, vram=sizes[name])(load_fn)
     return folders
