@@ -1,9 +1,11 @@
 """``python -m gpuctx demo``: the reference video pipeline on the default device.
 
-Five models (Whisper 4.5 GB, VideoMAE 5.0, CLAP 2.0, Qwen3 1.5 after Whisper, DINOv3 1.0)
-share a budget smaller than their sum; clips arrive interleaved. With no GPU this runs
-on the CPU with a declared budget and stand-in models; with CUDA and torch it builds
-small real torch modules on the GPU. It prints what was loaded and evicted, how long
+Five models (Whisper 4.5 GB, VideoMAE 5.0, CLAP 2.0, Qwen3 1.5 after Whisper and CLAP,
+DINOv3 1.0) share a budget smaller than their sum; clips arrive interleaved. With
+transformers installed (the ``models`` extra) they are the real architectures from
+:mod:`gpuctx.zoo`, random weights read from safetensors checkpoints: tiny configs on the
+CPU, the published sizes on a GPU. Without it, stand-ins (strings on the CPU, small torch
+modules on a GPU) say so in one line. It prints what was loaded and evicted, how long
 tasks waited, and how many loads a naive in-order loop would have needed.
 """
 
@@ -61,21 +63,8 @@ def _naive_loads(order: list[str], budget_gb: float) -> int:
     return loads
 
 
-def demo(clips: int = 6, budget: str = "8GB", device: str = "auto") -> int:
-    """Run the pipeline; return 0 when every task succeeded."""
-    gpuctx.reset()
-    use_torch = False
-    if device != "cpu":
-        try:
-            import torch  # noqa: F401
-
-            use_torch = torch.cuda.is_available()
-        except ImportError:
-            pass
-    gpuctx.configure(device=device if use_torch else "cpu", budget=budget, safety_factor=1.0)
-    s = gpuctx.scheduler()
-    print(f"gpuctx demo on {s.device.name}: budget {format_size(s.budget)}, models need "
-          f"{sum(MODELS.values()):.1f} GB together")
+def _stand_in_tasks(clips: int, use_torch: bool) -> list:
+    """The pipeline with stand-in models (no transformers): strings, or small torch modules on a GPU."""
     for name, gb in MODELS.items():
         gpuctx.model(name, vram=int(gb * GB))(_loader(name, use_torch))
 
@@ -83,15 +72,51 @@ def demo(clips: int = 6, budget: str = "8GB", device: str = "auto") -> int:
         return gpuctx.gpu_task(model=model_name, name=model_name)(lambda x: gpuctx.current_model()(x))
 
     asr, video, audio, llm, vision = (task(m) for m in ("whisper", "videomae", "clap", "qwen3", "dinov3"))
-    order: list[str] = []
     tasks = []
-    t0 = time.perf_counter()
     for i in range(clips):
         clip = f"clip{i}"
         text = asr(clip)
         tasks += [text, video(clip), audio(clip), llm(text), vision(clip)]
-        order += ["whisper", "videomae", "clap", "qwen3", "dinov3"]
-    gpuctx.wait(tasks, timeout=120)
+    return tasks
+
+
+def _real_models() -> bool:
+    from gpuctx import zoo
+
+    return zoo.available()
+
+
+def demo(clips: int = 6, budget: str = "8GB", device: str = "auto", real: bool | None = None) -> int:
+    """Run the pipeline; return 0 when every task succeeded.
+
+    ``real``: use the zoo's real architectures (None: when transformers is installed).
+    """
+    gpuctx.reset()
+    on_gpu = device != "cpu" and _cuda_visible()
+    gpuctx.configure(device=device if on_gpu else "cpu", budget=budget, safety_factor=1.0)
+    s = gpuctx.scheduler()
+    real = _real_models() if real is None else real
+    print(f"gpuctx demo on {s.device.name}: budget {format_size(s.budget)}, models need "
+          f"{sum(MODELS.values()):.1f} GB together")
+    t0 = time.perf_counter()
+    if real:
+        import torch
+
+        from gpuctx import zoo
+
+        size = "real" if on_gpu else "tiny"
+        dtype = torch.bfloat16 if on_gpu else None
+        print(f"models: Whisper, VideoMAE, CLAP, Qwen3, DINOv3 with random weights ({size} configs), "
+              f"read from safetensors checkpoints in {zoo.default_cache()}")
+        # builds and saves each checkpoint the first time only (on the GPU: real sizes are large)
+        zoo.register(size, dtype=dtype, build_device=s.device.name if on_gpu else "cpu")
+        t0 = time.perf_counter()
+        tasks = zoo.submit_clips(clips, size)
+    else:
+        print("models: stand-ins (install gpuctx[models] for Whisper, VideoMAE, CLAP, Qwen3 and DINOv3)")
+        tasks = _stand_in_tasks(clips, on_gpu)
+    order = ["whisper", "videomae", "clap", "qwen3", "dinov3"] * clips
+    gpuctx.wait(tasks, timeout=600 if real else 120)
     elapsed = time.perf_counter() - t0
     failed = [t for t in tasks if t.exception(0) is not None]
     st = gpuctx.stats()
@@ -109,21 +134,89 @@ def demo(clips: int = 6, budget: str = "8GB", device: str = "auto") -> int:
     for e in s.trace.events:
         if e.kind in ("unload", "offload"):
             print(f"  {e.t - t0:6.3f}s {e.kind:<7} {e.model:<9} ({e.reason})")
-    print("first result:", tasks[3].result())
+    if real:
+        from gpuctx import zoo
+
+        rows = {r.name: r for r in gpuctx.status().models}
+        print("sizes: declared for the budget, and the loaded module's parameter + buffer bytes:")
+        for name in MODELS:
+            weights = zoo.WEIGHTS.get(name)
+            print(f"  {name:<9} {format_size(rows[name].size):>9} ({rows[name].size_source}), weights "
+                  f"{format_size(weights) if weights is not None else '?':>9}")
+        if not failed:
+            print("clip 0: whisper token ids", tasks[0].result()[0].tolist(), "- qwen3 tokens",
+                  tasks[3].result()[0].tolist())
+    else:
+        print("first result:", tasks[3].result())
+    for t in failed[:3]:
+        print(f"failed: {t.name}: {type(t.exception(0)).__name__}: {t.exception(0)}")
     gpuctx.shutdown()
     return 1 if failed else 0
 
 
+def _cuda_visible() -> bool:
+    try:
+        from gpuctx import _cuda
+
+        return _cuda.cuda_available()
+    except Exception:  # noqa: BLE001 - a broken CUDA install: the CPU
+        return False
+
+
+def _size(text: str) -> int:
+    """argparse type of --budget: a size like 8GB or 12.5GiB."""
+    try:
+        n = gpuctx.parse_size(text)
+    except (gpuctx.ConfigError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8GB, 12GiB or 8000000000") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be above 0")
+    return n
+
+
+def _positive(text: str) -> int:
+    """argparse type of --clips: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least one clip is needed")
+    return n
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m gpuctx demo [--clips N] [--budget SIZE] [--device D]``."""
-    p = argparse.ArgumentParser(prog="python -m gpuctx")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the multi-model demo pipeline")
-    d.add_argument("--clips", type=int, default=6)
-    d.add_argument("--budget", default="8GB")
-    d.add_argument("--device", default="auto")
+    p = argparse.ArgumentParser(prog="python -m gpuctx", description="gpuctx command line.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    d = sub.add_parser("demo", help="run the multi-model demo pipeline",
+                       description="Run the reference video pipeline (Whisper, VideoMAE, CLAP, Qwen3, DINOv3) "
+                                   "under a budget smaller than the models' sum, and report loads and evictions.")
+    d.add_argument("--clips", type=_positive, default=6, metavar="N",
+                   help="clips to process, five tasks each (default: 6)")
+    d.add_argument("--budget", type=_size, default="8GB", metavar="SIZE",
+                   help=f"VRAM budget like 8GB or 12GiB; at least the largest model, "
+                        f"{max(MODELS.values()):g} GB (default: 8GB)")
+    d.add_argument("--device", type=_device, default="auto", metavar="DEVICE",
+                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    d.add_argument("--stand-ins", action="store_true",
+                   help="use stand-in models even when transformers is installed")
     args = p.parse_args(argv)
-    return demo(args.clips, args.budget, args.device)
+    largest = max(MODELS, key=MODELS.__getitem__)
+    if args.budget < MODELS[largest] * GB:
+        d.error(f"argument --budget: {format_size(args.budget)} cannot hold {largest} "
+                f"({MODELS[largest]:g} GB); give at least {MODELS[largest]:g}GB")
+    if args.device.startswith("cuda") and not _cuda_visible():
+        d.error(f"argument --device: {args.device!r} asked for, but no CUDA device is visible to torch or CuPy; "
+                "use --device cpu or auto")
+    return demo(args.clips, args.budget, args.device, real=False if args.stand_ins else None)
 
 
 if __name__ == "__main__":

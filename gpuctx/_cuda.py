@@ -47,7 +47,7 @@ import warnings
 import weakref
 from typing import Any, Callable, ContextManager, Iterator
 
-from .device import ReleaseReport, _weak
+from .device import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
 from .errors import BudgetError, ConfigError
 from .units import MiB, format_size, parse_size
 
@@ -618,7 +618,7 @@ class CudaDevice:
             with torch.cuda.device(self.index), torch.cuda.stream(stream):
                 if isinstance(obj, torch.nn.Module):
                     items = _module_items(torch, obj, on_cuda=True)
-                    copies = [_pinned_copy(torch, getattr(o, a)) for o, a in items]
+                    copies = _copies(items, lambda o, t: _pinned_copy(torch, t))
                     result = obj
                 elif isinstance(obj, torch.Tensor):
                     items, copies = [], []
@@ -653,9 +653,9 @@ class CudaDevice:
                 items = _module_items(torch, obj, on_cuda=False)
                 if record is not None and record.moved is not None:
                     items = [(o, a) for o, a in items if id(o) in record.moved]
-                    copies = [_device_copy(torch, getattr(o, a), record.moved[id(o)]) for o, a in items]
+                    copies = _copies(items, lambda o, t: _device_copy(torch, t, record.moved[id(o)]))
                 else:
-                    copies = [_device_copy(torch, getattr(o, a), dev) for o, a in items]
+                    copies = _copies(items, lambda o, t: _device_copy(torch, t, dev))
                 result = obj
             elif isinstance(obj, torch.Tensor):
                 items, copies = [], []
@@ -727,21 +727,6 @@ class CudaDevice:
 
 
 # --------------------------------------------------------------------------- tensors of an object
-def _tensors(torch: Any, value: Any, depth: int = 0) -> list:
-    """Tensors in ``value``: itself, a module's parameters and buffers, or inside lists, tuples, dicts."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, torch.nn.Module):
-        return [*value.parameters(), *value.buffers()]
-    if depth > 3:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(torch, v, depth + 1)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(torch, v, depth + 1)]
-    return []
-
-
 def _module_items(torch: Any, module: Any, *, on_cuda: bool) -> list[tuple[Any, str]]:
     """(tensor, "data" | "grad") for each parameter, buffer and gradient of ``module`` on (or off) CUDA."""
     items: list[tuple[Any, str]] = []
@@ -759,14 +744,25 @@ def _module_items(torch: Any, module: Any, *, on_cuda: bool) -> list[tuple[Any, 
 
 
 def _cuda_bytes(torch: Any, obj: Any) -> int:
-    """Bytes of CUDA tensors ``obj`` holds (a module's, a tensor's, or those one level inside an object)."""
+    """Bytes of CUDA memory ``obj``'s tensors cover (a module's with gradients, a tensor's, or those one
+    level inside an object); tied and aliased tensors once."""
     if isinstance(obj, torch.nn.Module):
-        return sum(getattr(o, a).numel() * getattr(o, a).element_size() for o, a in _module_items(torch, obj, on_cuda=True))
-    found = _tensors(torch, obj)
-    if not found and hasattr(obj, "__dict__"):
-        found = [t for v in vars(obj).values() for t in _tensors(torch, v, 3)]
-    unique = {id(t): t for t in found if t.is_cuda}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+        return span_bytes([getattr(o, a) for o, a in _module_items(torch, obj, on_cuda=True)])
+    return span_bytes([t for t in object_tensors(torch, obj) if t.is_cuda])
+
+
+def _copies(items: list[tuple[Any, str]], copy: Callable[[Any, Any], Any]) -> list:
+    """``copy(owner, tensor)`` of each item's tensor, made once per memory view: two tensor objects that
+    alias the same memory (same address, shape, strides, dtype) get one copy, so they stay aliased."""
+    made: dict[tuple, Any] = {}
+    out = []
+    for o, a in items:
+        t = getattr(o, a)
+        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else (id(t),)
+        if key not in made:
+            made[key] = copy(o, t)
+        out.append(made[key])
+    return out
 
 
 def _pinned_copy(torch: Any, t: Any) -> Any:

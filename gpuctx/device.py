@@ -2,7 +2,8 @@
 
 The scheduler talks to one :class:`Device`. :class:`CpuDevice` is the fallback used
 with no CUDA (or ``device="cpu"``): the budget is declared, streams and events are
-no-ops, nothing is measured. ``CudaDevice`` (in :mod:`gpuctx._cuda`, imported only
+no-ops, and a loaded torch module is measured by its parameter and buffer bytes
+(shared tensors once), since there is no allocator to read. ``CudaDevice`` (in :mod:`gpuctx._cuda`, imported only
 when CUDA is asked for) gives each execution context its own CUDA stream shared by
 torch and CuPy, records/waits CUDA events between contexts, measures model sizes,
 releases memory for real on eviction and offloads weights to pinned host RAM.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
 
@@ -100,7 +102,7 @@ class Device(Protocol):
 
 
 class CpuDevice:
-    """No GPU: a declared budget, no streams, no events, nothing measured."""
+    """No GPU: a declared budget, no streams, no events; torch objects measured by their tensors' bytes."""
 
     def __init__(self, budget: int = DEFAULT_CPU_BUDGET) -> None:
         self.name = "cpu"
@@ -134,7 +136,9 @@ class CpuDevice:
         return None
 
     def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
-        return loader(), None
+        """Run ``loader``; measure what it returned by its tensors' bytes (None when it holds no torch tensors)."""
+        obj = loader()
+        return obj, host_bytes(obj)
 
     def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
         ref = _weak(holder.pop())
@@ -169,6 +173,67 @@ def _weak(obj: Any) -> Any:
         return weakref.ref(obj)
     except TypeError:
         return None
+
+
+# --------------------------------------------------------------------------- tensors of an object
+def host_bytes(obj: Any) -> int | None:
+    """Bytes of the torch tensors ``obj`` holds (a module's parameters and buffers, a tensor, or tensors
+    in a list, tuple, dict or one level inside an object), each memory range counted once: tied
+    weights and views share bytes. None when ``obj`` is no torch object (torch is then not imported:
+    a module or tensor can only exist once torch is in ``sys.modules``)."""
+    torch = sys.modules.get("torch")
+    if torch is None or obj is None or isinstance(obj, type):
+        return None
+    found = object_tensors(torch, obj)
+    if not found and not isinstance(obj, torch.nn.Module):
+        return None
+    return span_bytes(found)
+
+
+def object_tensors(torch: Any, obj: Any) -> list:
+    """Tensors of ``obj``: its own (see :func:`_tensors`), else those one level inside its attributes."""
+    found = _tensors(torch, obj)
+    if not found and not isinstance(obj, torch.nn.Module) and hasattr(obj, "__dict__"):
+        found = [t for v in vars(obj).values() for t in _tensors(torch, v, 3)]
+    return found
+
+
+def _tensors(torch: Any, value: Any, depth: int = 0) -> list:
+    """Tensors in ``value``: itself, a module's parameters and buffers, or inside lists, tuples, dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, torch.nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    if depth > 3:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(torch, v, depth + 1)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(torch, v, depth + 1)]
+    return []
+
+
+def span_bytes(tensors: list) -> int:
+    """Bytes of memory the tensors cover, each byte once: the union of their address ranges.
+
+    Tied weights (one tensor reachable by two names), aliases (two tensor objects on the same
+    memory) and views count once; meta tensors and empty tensors count zero.
+    """
+    spans = []
+    for t in tensors:
+        n = t.numel()
+        if n == 0 or t.device.type == "meta":
+            continue
+        ptr = t.data_ptr()
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        spans.append((ptr, ptr + extent * t.element_size()))
+    total, end = 0, -1
+    for lo, hi in sorted(spans):
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total
 
 
 def make_device(spec: str, budget: int | None) -> Device:
