@@ -44,6 +44,23 @@ def _fields(e: Event) -> tuple:
     return (e.t, e.kind, e.task, e.name, e.model, e.context, e.stream, e.nbytes, e.reason, e.vram, e.duration)
 
 
+def _copy(items: Any) -> list:
+    """A consistent list of ``items`` (a deque, or a dict's items) while other threads append.
+
+    Recording takes no lock (it is one deque append per task event), so a reader must not
+    run Python code while it walks the live container: another thread could append between
+    two items ("deque mutated during iteration", "dictionary changed size"). ``list()`` of a
+    deque or of dict items runs in C without releasing the GIL, so it is one atomic copy;
+    the retry covers interpreters where it is not (a free-threaded build, or a collection
+    that runs a finaliser mid-copy). Everything else works on the copy.
+    """
+    while True:
+        try:
+            return list(items)
+        except RuntimeError:   # mutated during the copy: take it again
+            continue
+
+
 def _pct(values: Iterable[float], q: float) -> float:
     xs = sorted(values)
     if not xs:
@@ -169,13 +186,14 @@ class Stats:
     def as_dict(self) -> StatsReport:
         """Totals and per-model figures (seconds for times, bytes for VRAM)."""
         models = {}
-        for name, m in self.models.items():
+        for name, m in _copy(self.models.items()):
+            waits, runs = _copy(m.waits), _copy(m.runs)
             models[name] = {
                 "loads": m.loads, "unloads": m.unloads, "offloads": m.offloads, "restores": m.restores,
                 "evictions": m.evictions, "load_seconds": m.load_seconds, "offload_seconds": m.offload_seconds,
                 "restore_seconds": m.restore_seconds, "tasks": m.tasks, "failed": m.failed,
-                "wait_p50": _pct(m.waits, 0.5), "wait_p95": _pct(m.waits, 0.95), "wait_max": max(m.waits, default=0.0),
-                "run_p50": _pct(m.runs, 0.5), "run_p95": _pct(m.runs, 0.95), "run_max": max(m.runs, default=0.0),
+                "wait_p50": _pct(waits, 0.5), "wait_p95": _pct(waits, 0.95), "wait_max": max(waits, default=0.0),
+                "run_p50": _pct(runs, 0.5), "run_p95": _pct(runs, 0.95), "run_max": max(runs, default=0.0),
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
                            tasks=self.tasks, failed=self.failed, models=models)
@@ -244,7 +262,7 @@ class Trace:
         """A copy of the kept events in the order they were recorded. A call submitted without the
         scheduler lock is recorded when the scheduler takes it in, with the time of the call, so its
         ``submit`` can follow events a few microseconds younger than itself."""
-        return [Event(*e) for e in self._events]
+        return [Event(*e) for e in _copy(self._events)]
 
     def clear(self) -> None:
         """Forget events and stats."""
