@@ -309,11 +309,19 @@ def _spans(events: list[Event]) -> tuple[list, list, list, dict]:
 
 def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: Any = None,
              title: str | None = None) -> Any:
-    """A figure: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below."""
-    import matplotlib
+    """Draw the trace: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below.
 
-    if ax is None and matplotlib.get_backend().lower().startswith("module://") is False:
-        pass
+    Args:
+        source: a :class:`Trace` or its events.
+        budget: bytes, drawn as a dashed line on the VRAM panel (default: the trace's budget).
+        ax: draw into this matplotlib Axes (the task rows only), or into a pair
+            ``(tasks_ax, vram_ax)``; by default a new figure with both panels.
+        title: the title of the task panel.
+
+    Returns:
+        The matplotlib Figure. A figure made here is closed for pyplot, so that Jupyter
+        shows the returned figure once (not again when the cell ends); ``fig.savefig`` works.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -322,12 +330,21 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
         budget = source.budget
     tasks, load_spans, instants, vram = _spans(events)
     t0 = min((e.t for e in events), default=0.0)   # a lock-free submit is recorded a moment late
+    t_end = max((e.t for e in events), default=0.0)
     rows = sorted({r[0] for r in tasks} | {m for m, *_ in load_spans})
     models = sorted({r[2] for r in tasks if r[2]} | {m for m, *_ in load_spans} | set(vram))
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(models)}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.45 * max(1, len(rows)) + 2), sharex=True,
-                                      gridspec_kw={"height_ratios": [max(1, len(rows)), 2]})
+    if ax is None:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.45 * max(1, len(rows)) + 2), sharex=True,
+                                          gridspec_kw={"height_ratios": [max(1, len(rows)), 2]},
+                                          layout="constrained")
+        plt.close(fig)   # returned, not also shown by pyplot at the end of the cell
+    elif isinstance(ax, (tuple, list)):
+        top, bottom = ax
+        fig = top.figure
+    else:
+        top, bottom, fig = ax, None, ax.figure
     index = {r: i for i, r in enumerate(rows)}
     by_row_model: dict[tuple[int, str], list] = {}
     for ctx, _stream, model, s, e, _name, _reason in tasks:
@@ -345,11 +362,14 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
     top.set_yticklabels(rows)
     top.set_ylim(-0.6, max(0.6, len(rows) - 0.4))
     top.set_title(title or f"gpuctx timeline — {len(tasks)} tasks")
+    outside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
     top.legend(handles=[Patch(color=colour[m], label=m) for m in models] +
-               [Patch(facecolor="white", edgecolor="black", hatch="///", label="load")],
-               loc="upper right", fontsize="small", ncol=min(6, len(models) + 1))
-    # VRAM stacked per model: step functions on a shared time grid.
-    times = sorted({t for steps in vram.values() for t, _ in steps})
+               [Patch(facecolor="white", edgecolor="black", hatch="///", label="load")], **outside)
+    if bottom is None:
+        return fig
+    # VRAM stacked per model: step functions on a shared time grid that runs to the end of the
+    # trace, so a model still resident then is drawn up to the end.
+    times = sorted({t for steps in vram.values() for t, _ in steps} | ({t_end} if vram else set()))
     if times:
         xs = [t - t0 for t in times]
         stacks = []
@@ -364,10 +384,9 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
         bottom.stackplot(xs, stacks, step="post", colors=[colour[m] for m in models])
     if budget:
         bottom.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1, label="budget")
-        bottom.legend(loc="upper right", fontsize="small")
+        bottom.legend(**outside)
     bottom.set_ylabel("VRAM (GB)")
     bottom.set_xlabel("seconds")
-    fig.tight_layout()
     return fig
 
 
