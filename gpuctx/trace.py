@@ -1,9 +1,9 @@
 """The event log: what happened when, kept in a bounded ring buffer, and what it adds up to.
 
-The scheduler calls :meth:`Trace.record` (under its lock) for every submit, start, end,
+The scheduler calls ``Trace.record`` (under its lock) for every submit, start, end,
 group start, load, unload, offload, restore, eviction decision (with its reason),
 keep-alive unload and OOM retry. The ring buffer keeps the last ``capacity`` events for
-:func:`timeline` and :func:`export_chrome`; :class:`Stats` is fed by the same call and
+``timeline`` and ``export_chrome``; ``Stats`` is fed by the same call and
 stays complete when old events fall out of the buffer. Nothing here imports matplotlib
 or tqdm until a figure or a bar is asked for.
 """
@@ -116,7 +116,7 @@ class StatsReport(dict):
 
 
 class Stats:
-    """Running totals fed by :meth:`Trace.record`; ``as_dict()`` gives a :class:`StatsReport`."""
+    """Running totals fed by ``Trace.record``; ``as_dict()`` gives a ``StatsReport``."""
 
     def __init__(self) -> None:
         self.models: dict[str, _ModelStats] = {}
@@ -135,7 +135,7 @@ class Stats:
         return m
 
     def feed(self, e: "Event | tuple") -> None:
-        """Account one event (an :class:`Event`, or a tuple of its fields in order)."""
+        """Account one event (an ``Event``, or a tuple of its fields in order)."""
         t, k, task, _, model, _, _, _, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
         if vram is not None and vram > self.peak_vram:
             self.peak_vram = vram
@@ -200,7 +200,7 @@ class Stats:
 
 
 class Trace:
-    """Ring buffer of :class:`Event` plus running :class:`Stats`."""
+    """Ring buffer of ``Event`` plus running ``Stats``."""
 
     def __init__(self, capacity: int = 100_000, clock: Callable[[], float] = time.perf_counter) -> None:
         self._events: deque = deque(maxlen=capacity)
@@ -312,7 +312,7 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
     """Draw the trace: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below.
 
     Args:
-        source: a :class:`Trace` or its events.
+        source: a ``Trace`` or its events.
         budget: bytes, drawn as a dashed line on the VRAM panel (default: the trace's budget).
         ax: draw into this matplotlib Axes (the task rows only), or into a pair
             ``(tasks_ax, vram_ax)``; by default a new figure with both panels.

@@ -17,8 +17,22 @@ from .errors import ConfigError
 
 __all__ = ["KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB", "parse_size", "format_size"]
 
-KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
-KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+KB = 10**3
+"""A kilobyte (SI): 1000 bytes."""
+MB = 10**6
+"""A megabyte (SI): 10**6 bytes."""
+GB = 10**9
+"""A gigabyte (SI): 10**9 bytes; ``4 * GB`` is a size wherever one is taken."""
+TB = 10**12
+"""A terabyte (SI): 10**12 bytes."""
+KiB = 2**10
+"""A kibibyte (IEC): 1024 bytes."""
+MiB = 2**20
+"""A mebibyte (IEC): 2**20 bytes."""
+GiB = 2**30
+"""A gibibyte (IEC): 2**30 bytes."""
+TiB = 2**40
+"""A tebibyte (IEC): 2**40 bytes."""
 
 _UNITS = {
     "": 1, "b": 1,
@@ -52,7 +66,7 @@ def parse_size(value: object, *, arg: str = "vram", allow_zero: bool = True) -> 
         The size in bytes, at most ``2**63 - 1``.
 
     Raises:
-        ConfigError: ``value`` is not a size, negative, zero when not allowed, a fraction of
+        gpuctx.ConfigError: ``value`` is not a size, negative, zero when not allowed, a fraction of
             a byte, or too large; the message names ``arg``.
     """
     if isinstance(value, bool) or value is None:
@@ -86,7 +100,14 @@ def parse_size(value: object, *, arg: str = "vram", allow_zero: bool = True) -> 
 
 
 def format_size(n: float) -> str:
-    """Bytes as a short SI string: ``4500000000 -> '4.5 GB'``."""
+    """Bytes as a short SI string, three significant digits.
+
+    Args:
+        n: a number of bytes.
+
+    Returns:
+        For example ``'4.5 GB'`` for ``4500000000``, ``'512 B'`` for ``512``.
+    """
     n = float(n)
     for unit, scale in (("TB", TB), ("GB", GB), ("MB", MB), ("kB", KB)):
         if abs(n) >= scale:
