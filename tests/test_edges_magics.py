@@ -160,3 +160,12 @@ def test_help_prints_the_usage(ip, capsys, line):
     assert "%%gpuctx MODEL" in out
     for cmd in ("status", "stats", "config", "evict", "wait", "cancel", "reset", "timeline"):
         assert f"%gpuctx {cmd}" in out or f"%gpuctx [{cmd}]" in out, cmd
+
+
+@pytest.mark.xfail(strict=True, reason="needs engine: Scheduler.submit/session creates the slot (_slot_locked) "
+                                       "before the can-ever-fit check; validate first, then create the slot")
+def test_a_cell_rejected_for_its_size_leaves_no_row(ip):
+    before = _rows()
+    err = _err(ip.run_cell("%%gpuctx big --vram 99GB\n1"))
+    assert isinstance(err, UsageError) and "never fit" in str(err)
+    assert _rows() == before
