@@ -167,7 +167,7 @@ def _size(text: str) -> int:
     """argparse type of --budget: a size like 8GB or 12.5GiB."""
     try:
         n = gpuctx.parse_size(text)
-    except (gpuctx.ConfigError, ValueError, TypeError) as exc:
+    except (gpuctx.ConfigError, ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8GB, 12GiB or 8000000000") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: the budget must be above 0")

@@ -43,6 +43,11 @@ _shut = False                                 # shutdown() called: no new schedu
 
 
 # --------------------------------------------------------------------------- lifecycle
+def current_config() -> Config:
+    """The settings in force (what :func:`configure` last set), for views such as ``%config GpuCtx``."""
+    return _config
+
+
 def configure(**settings: Any) -> Config:
     """Set scheduler settings; applies to the running scheduler at once where safe.
 

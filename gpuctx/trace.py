@@ -1,9 +1,9 @@
 """The event log: what happened when, kept in a bounded ring buffer, and what it adds up to.
 
-The scheduler calls :meth:`Trace.record` (under its lock) for every submit, start, end,
+The scheduler calls ``Trace.record`` (under its lock) for every submit, start, end,
 group start, load, unload, offload, restore, eviction decision (with its reason),
 keep-alive unload and OOM retry. The ring buffer keeps the last ``capacity`` events for
-:func:`timeline` and :func:`export_chrome`; :class:`Stats` is fed by the same call and
+``timeline`` and ``export_chrome``; ``Stats`` is fed by the same call and
 stays complete when old events fall out of the buffer. Nothing here imports matplotlib
 or tqdm until a figure or a bar is asked for.
 """
@@ -42,6 +42,23 @@ class Event:
 
 def _fields(e: Event) -> tuple:
     return (e.t, e.kind, e.task, e.name, e.model, e.context, e.stream, e.nbytes, e.reason, e.vram, e.duration)
+
+
+def _copy(items: Any) -> list:
+    """A consistent list of ``items`` (a deque, or a dict's items) while other threads append.
+
+    Recording takes no lock (it is one deque append per task event), so a reader must not
+    run Python code while it walks the live container: another thread could append between
+    two items ("deque mutated during iteration", "dictionary changed size"). ``list()`` of a
+    deque or of dict items runs in C without releasing the GIL, so it is one atomic copy;
+    the retry covers interpreters where it is not (a free-threaded build, or a collection
+    that runs a finaliser mid-copy). Everything else works on the copy.
+    """
+    while True:
+        try:
+            return list(items)
+        except RuntimeError:   # mutated during the copy: take it again
+            continue
 
 
 def _pct(values: Iterable[float], q: float) -> float:
@@ -99,7 +116,7 @@ class StatsReport(dict):
 
 
 class Stats:
-    """Running totals fed by :meth:`Trace.record`; ``as_dict()`` gives a :class:`StatsReport`."""
+    """Running totals fed by ``Trace.record``; ``as_dict()`` gives a ``StatsReport``."""
 
     def __init__(self) -> None:
         self.models: dict[str, _ModelStats] = {}
@@ -118,7 +135,7 @@ class Stats:
         return m
 
     def feed(self, e: "Event | tuple") -> None:
-        """Account one event (an :class:`Event`, or a tuple of its fields in order)."""
+        """Account one event (an ``Event``, or a tuple of its fields in order)."""
         t, k, task, _, model, _, _, _, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
         if vram is not None and vram > self.peak_vram:
             self.peak_vram = vram
@@ -169,20 +186,21 @@ class Stats:
     def as_dict(self) -> StatsReport:
         """Totals and per-model figures (seconds for times, bytes for VRAM)."""
         models = {}
-        for name, m in self.models.items():
+        for name, m in _copy(self.models.items()):
+            waits, runs = _copy(m.waits), _copy(m.runs)
             models[name] = {
                 "loads": m.loads, "unloads": m.unloads, "offloads": m.offloads, "restores": m.restores,
                 "evictions": m.evictions, "load_seconds": m.load_seconds, "offload_seconds": m.offload_seconds,
                 "restore_seconds": m.restore_seconds, "tasks": m.tasks, "failed": m.failed,
-                "wait_p50": _pct(m.waits, 0.5), "wait_p95": _pct(m.waits, 0.95), "wait_max": max(m.waits, default=0.0),
-                "run_p50": _pct(m.runs, 0.5), "run_p95": _pct(m.runs, 0.95), "run_max": max(m.runs, default=0.0),
+                "wait_p50": _pct(waits, 0.5), "wait_p95": _pct(waits, 0.95), "wait_max": max(waits, default=0.0),
+                "run_p50": _pct(runs, 0.5), "run_p95": _pct(runs, 0.95), "run_max": max(runs, default=0.0),
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
                            tasks=self.tasks, failed=self.failed, models=models)
 
 
 class Trace:
-    """Ring buffer of :class:`Event` plus running :class:`Stats`."""
+    """Ring buffer of ``Event`` plus running ``Stats``."""
 
     def __init__(self, capacity: int = 100_000, clock: Callable[[], float] = time.perf_counter) -> None:
         self._events: deque = deque(maxlen=capacity)
@@ -244,7 +262,7 @@ class Trace:
         """A copy of the kept events in the order they were recorded. A call submitted without the
         scheduler lock is recorded when the scheduler takes it in, with the time of the call, so its
         ``submit`` can follow events a few microseconds younger than itself."""
-        return [Event(*e) for e in self._events]
+        return [Event(*e) for e in _copy(self._events)]
 
     def clear(self) -> None:
         """Forget events and stats."""
@@ -291,11 +309,19 @@ def _spans(events: list[Event]) -> tuple[list, list, list, dict]:
 
 def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: Any = None,
              title: str | None = None) -> Any:
-    """A figure: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below."""
-    import matplotlib
+    """Draw the trace: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below.
 
-    if ax is None and matplotlib.get_backend().lower().startswith("module://") is False:
-        pass
+    Args:
+        source: a ``Trace`` or its events.
+        budget: bytes, drawn as a dashed line on the VRAM panel (default: the trace's budget).
+        ax: draw into this matplotlib Axes (the task rows only), or into a pair
+            ``(tasks_ax, vram_ax)``; by default a new figure with both panels.
+        title: the title of the task panel.
+
+    Returns:
+        The matplotlib Figure. A figure made here is closed for pyplot, so that Jupyter
+        shows the returned figure once (not again when the cell ends); ``fig.savefig`` works.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -304,12 +330,21 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
         budget = source.budget
     tasks, load_spans, instants, vram = _spans(events)
     t0 = min((e.t for e in events), default=0.0)   # a lock-free submit is recorded a moment late
+    t_end = max((e.t for e in events), default=0.0)
     rows = sorted({r[0] for r in tasks} | {m for m, *_ in load_spans})
     models = sorted({r[2] for r in tasks if r[2]} | {m for m, *_ in load_spans} | set(vram))
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(models)}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.45 * max(1, len(rows)) + 2), sharex=True,
-                                      gridspec_kw={"height_ratios": [max(1, len(rows)), 2]})
+    if ax is None:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.45 * max(1, len(rows)) + 2), sharex=True,
+                                          gridspec_kw={"height_ratios": [max(1, len(rows)), 2]},
+                                          layout="constrained")
+        plt.close(fig)   # returned, not also shown by pyplot at the end of the cell
+    elif isinstance(ax, (tuple, list)):
+        top, bottom = ax
+        fig = top.figure
+    else:
+        top, bottom, fig = ax, None, ax.figure
     index = {r: i for i, r in enumerate(rows)}
     by_row_model: dict[tuple[int, str], list] = {}
     for ctx, _stream, model, s, e, _name, _reason in tasks:
@@ -327,11 +362,14 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
     top.set_yticklabels(rows)
     top.set_ylim(-0.6, max(0.6, len(rows) - 0.4))
     top.set_title(title or f"gpuctx timeline — {len(tasks)} tasks")
+    outside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
     top.legend(handles=[Patch(color=colour[m], label=m) for m in models] +
-               [Patch(facecolor="white", edgecolor="black", hatch="///", label="load")],
-               loc="upper right", fontsize="small", ncol=min(6, len(models) + 1))
-    # VRAM stacked per model: step functions on a shared time grid.
-    times = sorted({t for steps in vram.values() for t, _ in steps})
+               [Patch(facecolor="white", edgecolor="black", hatch="///", label="load")], **outside)
+    if bottom is None:
+        return fig
+    # VRAM stacked per model: step functions on a shared time grid that runs to the end of the
+    # trace, so a model still resident then is drawn up to the end.
+    times = sorted({t for steps in vram.values() for t, _ in steps} | ({t_end} if vram else set()))
     if times:
         xs = [t - t0 for t in times]
         stacks = []
@@ -346,10 +384,9 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
         bottom.stackplot(xs, stacks, step="post", colors=[colour[m] for m in models])
     if budget:
         bottom.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1, label="budget")
-        bottom.legend(loc="upper right", fontsize="small")
+        bottom.legend(**outside)
     bottom.set_ylabel("VRAM (GB)")
     bottom.set_xlabel("seconds")
-    fig.tight_layout()
     return fig
 
 

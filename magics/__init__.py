@@ -14,14 +14,16 @@ ordinary cell error. ``--background`` cells are compiled and run as a gpuctx Tas
 from __future__ import annotations
 
 import ast
+import difflib
 import shlex
 import sys
 from typing import Any
 
+from IPython import display as _ipd
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 import gpuctx
@@ -32,8 +34,51 @@ __all__ = ["GpuCtx", "GpuCtxMagics", "load_ipython_extension", "unload_ipython_e
 _ENTER = "__gpuctx_enter__"
 
 
+_SETTINGS = ("budget", "safety_factor", "device", "keep_alive", "max_wait", "oom_retries", "offload", "progress")
+
+
+def _to_setting(name: str, value: Any) -> Any:
+    """A trait's value as the gpuctx.configure keyword argument."""
+    if name == "budget":
+        return value or None
+    if name == "keep_alive":
+        return None if value < 0 else value
+    return value
+
+
+def _to_trait(name: str, value: Any) -> Any:
+    """A live gpuctx setting as the trait shows it."""
+    if name == "budget":
+        return "" if value is None else _size_text(value)
+    if name == "keep_alive":
+        return -1.0 if value is None else float(value)
+    if name in ("safety_factor", "max_wait"):
+        return float(value)
+    return value
+
+
+def _size_text(n: int) -> str:
+    """Bytes as the shortest exact size string: 8000000000 -> '8GB', 2**31 -> '2GiB'."""
+    for unit, scale in (("TB", gpuctx.TB), ("TiB", gpuctx.TiB), ("GB", gpuctx.GB), ("GiB", gpuctx.GiB),
+                        ("MB", gpuctx.MB), ("MiB", gpuctx.MiB), ("kB", gpuctx.KB)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+def _live_config() -> Any:
+    """The settings gpuctx runs with now (what the last gpuctx.configure/reset left)."""
+    return gpuctx.api.current_config()
+
+
 class GpuCtx(Configurable):
-    """gpuctx settings (``c.GpuCtx.budget = "20GB"``; ``%config GpuCtx``). Same meaning as gpuctx.configure."""
+    """gpuctx settings (``c.GpuCtx.budget = "20GB"``; ``%config GpuCtx``). Same meaning as gpuctx.configure.
+
+    Not a second copy of the settings: an assignment is applied by gpuctx.configure at once
+    (an invalid value is refused with its error, and the trait keeps its value), and reading
+    a setting reads gpuctx's live configuration, so ``%config GpuCtx`` shows what
+    ``configure()`` or ``%gpuctx reset`` left.
+    """
 
     budget = Unicode("", help="VRAM budget like '20GB' (empty: device memory)").tag(config=True)
     safety_factor = Float(0.9, help="fraction of the budget the scheduler may use").tag(config=True)
@@ -45,18 +90,51 @@ class GpuCtx(Configurable):
     progress = Bool(False, help="show progress bars in gpuctx.wait").tag(config=True)
     live_status = Bool(True, help="%gpuctx status --live updates in place (off for nbval runs)").tag(config=True)
 
-    def settings(self, names: list[str] | None = None) -> dict[str, Any]:
-        """The traits as gpuctx.configure keyword arguments."""
-        out: dict[str, Any] = {}
-        for name in names or ["budget", "safety_factor", "device", "keep_alive", "max_wait", "oom_retries",
-                              "offload", "progress"]:
-            value = getattr(self, name)
-            if name == "budget":
-                value = value or None
-            if name == "keep_alive":
-                value = None if value < 0 else value
-            out[name] = value
-        return out
+    @validate(*_SETTINGS)
+    def _apply(self, proposal: Any) -> Any:
+        name, value = proposal["trait"].name, proposal["value"]
+        try:
+            gpuctx.configure(**{name: _to_setting(name, value)})
+        except GpuCtxError as exc:
+            raise TraitError(f"GpuCtx.{name} = {value!r}: {exc}") from None
+        return _to_trait(name, getattr(_live_config(), name))
+
+    def __getattribute__(self, name: str) -> Any:
+        # A setting reads the live configuration, except while traitlets validates a batch of
+        # assignments (then the value being validated is the one stored).
+        if name in _SETTINGS:
+            try:
+                holding = object.__getattribute__(self, "_cross_validation_lock")
+            except AttributeError:   # during __init__
+                holding = True
+            if not holding:
+                live = _to_trait(name, getattr(_live_config(), name))
+                object.__getattribute__(self, "_trait_values")[name] = live
+                return live
+        return super().__getattribute__(name)
+
+    def _load_config(self, cfg: Any, section_names: Any = None, traits: Any = None) -> None:
+        # Compare new values with the live settings, not with what the traits last held: a
+        # value equal to a stale trait must still be applied, one equal to the live one is a no-op.
+        for name in _SETTINGS:
+            getattr(self, name)
+        super()._load_config(cfg, section_names=section_names, traits=traits)
+
+    def forget(self) -> None:
+        """Drop the ``GpuCtx`` section that IPython keeps in the shell's config.
+
+        ``%config GpuCtx.x = v`` merges ``v`` into the shell's config even when it was refused,
+        and a later ``%load_ext gpuctx`` would apply it again. The values were applied (or
+        refused) when assigned and the live configuration holds them, so after a reset or an
+        unload the section is stale: drop it.
+        """
+        holders = [self] + ([self.parent] if self.parent is not None else [])
+        for holder in holders:
+            if "GpuCtx" in holder.config:
+                cfg = holder.config.copy()
+                cfg.pop("GpuCtx")
+                with holder.hold_trait_notifications():   # no reload of other sections
+                    holder._trait_values["config"] = cfg
 
 
 def _cell_parser_args(line: str) -> Any:
@@ -69,19 +147,8 @@ class GpuCtxMagics(Magics):
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self.config_obj = GpuCtx(parent=shell)
+        self.config_obj = GpuCtx(parent=shell)   # settings from the profile are applied as they load
         self._active: list = []
-        self.config_obj.observe(self._on_trait, names=list(self.config_obj.settings()))
-        defaults = GpuCtx()
-        changed = [n for n in self.config_obj.settings() if getattr(self.config_obj, n) != getattr(defaults, n)]
-        if changed:
-            gpuctx.configure(**self.config_obj.settings(changed))
-
-    def _on_trait(self, change: Any) -> None:
-        try:
-            gpuctx.configure(**self.config_obj.settings([change["name"]]))
-        except GpuCtxError as exc:
-            raise UsageError(str(exc)) from None
 
     # ------------------------------------------------------------------ the magic
     @magic_arguments()
@@ -96,7 +163,31 @@ class GpuCtxMagics(Magics):
     @argument("--live", action="store_true", help="status: update the display until the queues are empty")
     @line_cell_magic
     def gpuctx(self, line: str, cell: str | None = None) -> Any:
-        """Run a cell as a gpuctx task of MODEL, or show and steer the scheduler (see %gpuctx?)."""
+        """Run a cell as a gpuctx task of MODEL, or show and steer the scheduler.
+
+        Cell magic:
+          %%gpuctx MODEL [--vram SIZE] [--priority N] [--after TASK ...]
+              Run the cell with MODEL resident, on its stream, once it is MODEL's turn.
+              MODEL is a model registered with @gpuctx.model, a context from
+              gpuctx.create_context, or any name given its size with --vram.
+          %%gpuctx MODEL --background --name NAME [--graph] [...]
+              Run the cell as a background gpuctx.Task bound to NAME in the notebook;
+              its result is the cell's last expression (or the variable `result`).
+
+        Line magic:
+          %gpuctx [status] [--live]     budget, resident models, queues, running tasks
+          %gpuctx stats                 loads, evictions, switches, wait/run times per model
+          %gpuctx config KEY=VALUE ...  gpuctx.configure(KEY=VALUE, ...), e.g. budget=8GB
+          %gpuctx evict NAME | --all    unload an idle model now (--all: every idle one)
+          %gpuctx wait [TASK ...]       wait for these Tasks (default: every live task)
+          %gpuctx cancel TASK           cancel a Task that has not started
+          %gpuctx reset                 shut down; forget models, contexts and settings
+          %gpuctx timeline              the timeline figure of what ran
+          %gpuctx -h | --help           this text
+        """
+        if _wants_help(line):
+            print(self.gpuctx.__doc__)
+            return None
         try:
             args = parse_argstring(self.gpuctx, line)
         except UsageError:
@@ -117,6 +208,8 @@ class GpuCtxMagics(Magics):
                              f"[--background]: expected exactly one MODEL, got {args.words or 'none'}")
         if args.vram is not None:
             gpuctx.parse_size(args.vram, arg="--vram")
+        else:
+            _check_known(args.words[0])
         after = []
         for name in args.after:
             if name not in self.shell.user_ns:
@@ -138,16 +231,13 @@ class GpuCtxMagics(Magics):
             raise UsageError("%%gpuctx --background needs --name NAME: the Task is bound to NAME")
         if not args.name.isidentifier():
             raise UsageError(f"--name {args.name!r}: expected a Python identifier")
-        code = compile(cell, f"<gpuctx cell {args.name}>", "exec")
+        run_cell = _compile_cell(self.shell.transform_cell(cell), f"<gpuctx cell {args.name}>")
         ns = self.shell.user_ns
         parent = _current_parent(self.shell)
 
         def body() -> Any:
             _set_parent(self.shell, parent)
-            local: dict[str, Any] = {}
-            exec(code, ns, local)   # noqa: S102 - the user's own cell
-            ns.update(local)
-            return local.get("result")
+            return run_cell(ns)
 
         fn = gpuctx.gpu_task(model=model, name=args.name, vram=kw["vram"], after=kw["after"],
                              priority=kw["priority"], cuda_graph=args.graph)(body)
@@ -161,17 +251,40 @@ class GpuCtxMagics(Magics):
         try:
             kw = self._session_kwargs(args)
             session = gpuctx.context_session(args.words[0], **kw)
+            session.request()   # a request refused (too large, closed) is a usage error of the cell
         except GpuCtxError as exc:
             raise UsageError(f"{type(exc).__name__}: {exc}") from None
         try:
-            if not session.wait_granted(0.2):   # most turns come at once: then say nothing
-                print(f"gpuctx: {args.words[0]!r} waits its turn: {_waiting_for(args.words[0])}", file=sys.stderr)
+            self._wait_turn(session, args.words[0])
         except BaseException:
-            session.withdraw()   # Ctrl-C in the first moments withdraws the request too
+            session.withdraw()   # Ctrl-C while waiting withdraws the request too
             raise
         obj = session.__enter__()   # KeyboardInterrupt here withdraws the request
         self._active.append(session)
         return obj
+
+    def _wait_turn(self, session: Any, model: str) -> None:
+        """Wait for the session's turn; after a quiet moment, say what it waits for.
+
+        In a kernel the note is an ordinary display (not stderr, which JupyterLab shows as an
+        error) that is updated in place while the wait lasts and emptied when the cell starts;
+        in a terminal it is one line on stdout.
+        """
+        handle, last = None, None
+        while not session.wait_granted(_QUIET if handle is None else _REFRESH):
+            note = f"gpuctx: {model!r} waits its turn: {_waiting_for(model)}"
+            if getattr(self.shell, "kernel", None) is None:
+                if last is None:
+                    print(note)
+                last = note
+                continue
+            if handle is None:
+                handle = _ipd.display(_ipd.Pretty(note), display_id=True)
+            elif note != last:
+                handle.update(_ipd.Pretty(note))
+            last = note
+        if handle is not None:
+            handle.update({"text/plain": ""}, raw=True)
 
     def _post_run_cell(self, result: Any) -> None:
         while self._active:
@@ -226,6 +339,7 @@ class GpuCtxMagics(Magics):
             return self._task(rest[0]).cancel()
         if cmd == "reset":
             gpuctx.reset()
+            self.config_obj.forget()
             return None
         if cmd == "timeline":
             return gpuctx.timeline()
@@ -238,6 +352,52 @@ class GpuCtxMagics(Magics):
             raise UsageError(f"{name}: expected the name of a gpuctx.Task in the notebook, got "
                              f"{type(task).__name__ if name in self.shell.user_ns else 'nothing'}")
         return task
+
+
+_QUIET = 0.2      # seconds: most turns come at once, and then nothing is said
+_REFRESH = 1.0    # seconds between updates of the "waits its turn" note
+
+
+def _wants_help(line: str) -> bool:
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return False
+    return "-h" in words or "--help" in words
+
+
+def _check_known(name: str) -> None:
+    """A cell without --vram names a model or context that exists; else a typo is likely."""
+    known = [s.name for s in gpuctx.scheduler().slots()
+             if s.loader is not None or s.size_source != "label" or s.explicit_context]
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close
+            else f"; known: {', '.join(sorted(known))}" if known else "")
+    raise UsageError(f"%%gpuctx {name}: no model or context called {name!r} (register it with "
+                     f"@gpuctx.model or gpuctx.create_context, or give its size with --vram){hint}")
+
+
+def _compile_cell(source: str, filename: str) -> Any:
+    """``run(ns)``: run the cell in the one namespace ``ns`` (so its functions and
+    comprehensions see its names) and return its last expression, like ``Out[n]``, or
+    else the ``result`` it assigned, or else None."""
+    tree = ast.parse(source, filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    assigns_result = any(isinstance(n, ast.Name) and n.id == "result" and isinstance(n.ctx, ast.Store)
+                         for n in ast.walk(tree))
+    body = compile(tree, filename, "exec")
+
+    def run(ns: dict) -> Any:
+        exec(body, ns)   # noqa: S102 - the user's own cell
+        if last is not None:
+            return eval(last, ns)   # noqa: S307 - the user's own cell
+        return ns.get("result") if assigns_result else None
+
+    return run
 
 
 def _waiting_for(model: str) -> str:
@@ -313,6 +473,7 @@ def unload_ipython_extension(ip: Any) -> None:
     if magics is None:
         return
     magics._post_run_cell(None)
+    magics.config_obj.forget()
     if _rewrite in ip.input_transformers_cleanup:
         ip.input_transformers_cleanup.remove(_rewrite)
     try:

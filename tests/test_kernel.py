@@ -67,7 +67,7 @@ def test_exception_in_a_cell_is_an_ordinary_error(kernel):
 def test_background_output_goes_to_the_cell_that_started_it(kernel):
     _, kc = kernel
     start_id, _ = run(kc, "go = threading.Event()")
-    start_id, _ = run(kc, "%%gpuctx bg --background --name job\ngo.wait(30)\nprint('from the background')")
+    start_id, _ = run(kc, "%%gpuctx bg --vram 1GB --background --name job\ngo.wait(30)\nprint('from the background')")
     later_id, msgs = run(kc, "go.set(); job.result(30); 'later cell'")
     extra = []
     try:
@@ -83,14 +83,16 @@ def test_background_output_goes_to_the_cell_that_started_it(kernel):
 def test_interrupt_while_waiting_withdraws_the_request(kernel):
     km, kc = kernel
     run(kc, "rel, running = threading.Event(), threading.Event()")
-    run(kc, "%%gpuctx busy --background --name hold\nrunning.set(); rel.wait(30)")
+    run(kc, "%%gpuctx busy --vram 1GB --background --name hold\nrunning.set(); rel.wait(30)")
     run(kc, "running.wait(30)")
     msg_id = kc.execute("%%gpuctx busy\n'never'")
-    # wait for the status line that says the cell is waiting, then interrupt
+    # wait for the note (a display, not stderr: issue 14, entry 23) that the cell is waiting, then interrupt
     while True:
         msg = kc.get_iopub_msg(timeout=TIMEOUT)
-        if msg["msg_type"] == "stream" and "waits its turn" in msg["content"]["text"]:
+        if msg["msg_type"] == "display_data" and "waits its turn" in msg["content"]["data"].get("text/plain", ""):
+            assert msg["content"]["transient"].get("display_id")
             break
+        assert not (msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr"), msg
     km.interrupt_kernel()
     msgs, reply = collect(kc, msg_id)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"

@@ -18,6 +18,8 @@ def ip(fresh):
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext gpuctx")
     gpuctx.configure(device="cpu", budget="10GB", safety_factor=1.0)
+    for name in ("m", "busy"):   # a cell without --vram names a known model (issue 14, entry 20)
+        gpuctx.model(name, vram="1GB")(lambda: None)
     shell.user_ns["gpuctx"] = gpuctx
     yield shell
     shell.run_cell("%unload_ext gpuctx")
