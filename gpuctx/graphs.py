@@ -46,6 +46,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
+from ._walk import collect, replace
 from ._cuda import _CAPTURE_LOCK, _cupy_view, _torch_stream_calls
 from .errors import ConfigError
 
@@ -105,38 +106,13 @@ def _graph_key(args: Any, kwargs: Any = None) -> tuple:
 
 
 def _tensors_in(x: Any) -> list:
-    """Every tensor in ``x``, in the order the key visits them."""
-    out: list = []
-    _collect(x, out)
-    return out
-
-
-def _collect(x: Any, out: list) -> None:
-    if _is_tensor(x):
-        out.append(x)
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            _collect(y, out)
-    elif isinstance(x, dict):
-        for _, v in _items(x):
-            _collect(v, out)
+    """Every tensor in ``x``, in the order the key visits them (dicts by :func:`_items`)."""
+    return collect(x, _is_tensor, items=_items, kinds=(list, tuple, dict))   # what _sig walks
 
 
 def _map(f: Callable[[Any], Any], x: Any) -> Any:
     """``x`` with every tensor replaced by ``f(tensor)``; containers rebuilt with their own type."""
-    if _is_tensor(x):
-        return f(x)
-    if isinstance(x, tuple) and hasattr(x, "_fields"):   # a namedtuple takes positional fields
-        return type(x)(*(_map(f, y) for y in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_map(f, y) for y in x)
-    if isinstance(x, dict):
-        pairs = [(k, _map(f, v)) for k, v in x.items()]
-        try:
-            return type(x)(pairs)
-        except TypeError:   # a dict subclass with its own constructor
-            return dict(pairs)
-    return x
+    return replace(x, _is_tensor, f)
 
 
 def _current_stream_id(torch: Any, stream: Any) -> int:

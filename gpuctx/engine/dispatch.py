@@ -1,4 +1,9 @@
-"""Dispatch."""
+"""Dispatch: from the engine's state to a snapshot, from :func:`gpuctx.policy.plan` to the workers.
+
+There is no dispatcher thread. Whoever changes the state (a submit, a worker ending a group, an
+eviction) calls :meth:`_Dispatch._dispatch_locked`: it asks the policy what to start, marks the
+victims and the claims, and puts each group in its slot's worker inbox.
+"""
 
 from __future__ import annotations
 

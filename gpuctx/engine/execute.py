@@ -1,4 +1,9 @@
-"""Execution."""
+"""Running one task or one batch on a device: streams, events, graphs, OOM retry.
+
+What runs here is user code, never under the lock. A body's exception fails its task only
+(BaseException too, as a thread pool does); the exception keeps its lines but not the
+engine's frames or the body's locals (:func:`_drop_frames`).
+"""
 
 from __future__ import annotations
 

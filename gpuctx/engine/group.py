@@ -1,4 +1,11 @@
-"""Groups."""
+"""Running a group: one worker per slot, draining its queue while the policy lets it.
+
+A worker makes its model resident (evicting the victims the plan named, then loading or
+restoring), then runs the slot's ready tasks one after another, asking
+:func:`gpuctx.policy.should_yield` between them; finishing one task and picking the next happen
+in one locked section. Also here: the CPU pool (``device="cpu"`` tasks) and the one case where
+the submitting thread runs a task itself, a captured CUDA graph's replay when its model is idle.
+"""
 
 from __future__ import annotations
 

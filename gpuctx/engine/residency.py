@@ -1,4 +1,8 @@
-"""Residency."""
+"""Residency: load, restore, evict or offload a model, and unload the idle ones (keep-alive).
+
+Every eviction is decided under the lock by :meth:`_Transitions._mark_evicting_locked` and
+carried out here without it (:meth:`_Residency._evict_marked`), by the thread that decided it.
+"""
 
 from __future__ import annotations
 

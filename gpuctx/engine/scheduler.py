@@ -1,4 +1,9 @@
-"""Facade."""
+"""The facade: the Scheduler's wiring, its settings, its queries and its shutdown.
+
+:class:`Scheduler` is assembled from one mixin per concern (intake, registry, dispatch,
+groups, residency, execution, transitions, the lock-free gate); its state is listed in
+:mod:`gpuctx.engine.state`. What runs it, real threads or a virtual clock, is its driver.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Spec."""
+"""What a call is: the settings (:class:`Config`), a ``@gpu_task``'s declaration (:class:`TaskSpec`),
+and the frame a running body can ask for (:func:`current_frame`)."""
 
 from __future__ import annotations
 
