@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device visible (torch.cuda.is_available() is False); nothing measured")
 
-    from gpuctx._cuda import CudaDevice
+    from gpuctx.device.cuda import CudaDevice
 
     quick = args.quick
     dev = CudaDevice(0)
@@ -171,7 +171,7 @@ def _release_rows(torch: Any, dev: Any, reps: int) -> list:
 
 # --------------------------------------------------------------------------- (c, d) contexts, streams, graphs
 def _stream_rows(torch: Any, dev: Any, label: str, *, width: int, depth: int, batch: int, reps: int) -> list:
-    from gpuctx.graphs import make_graph_runner
+    from gpuctx.device.graphs import make_graph_runner
 
     nets = [_mlp(torch, width, depth) for _ in range(CONTEXTS)]
     xs = [torch.randn(batch, width, device="cuda") for _ in range(CONTEXTS)]

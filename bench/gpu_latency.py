@@ -45,8 +45,8 @@ def _mlp(torch: Any, depth: int = 8, width: int = 256) -> Any:
 
 
 def host_costs(torch: Any) -> list[tuple[str, float]]:
-    from gpuctx._cuda import CudaDevice
-    from gpuctx.graphs import make_graph_runner
+    from gpuctx.device.cuda import CudaDevice
+    from gpuctx.device.graphs import make_graph_runner
 
     dev = CudaDevice(0)
     net, x = _mlp(torch), torch.randn(32, 256, device="cuda")

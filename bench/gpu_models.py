@@ -103,7 +103,7 @@ def run_pipeline(zoo: Any, gpuctx: Any, rows: dict, size: str, cache: str, dtype
 
 def offload_round_trip(zoo: Any, torch: Any, folder: Any, dtype: Any, gpu: bool, index: int) -> dict:
     """(d) and (e) on Qwen3."""
-    from gpuctx import _cuda
+    from gpuctx.device import cuda as _cuda
 
     target = f"cuda:{index}" if gpu else "cpu"
     model = zoo.load("qwen3", folder, target, dtype)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = str(args.cache or zoo.default_cache())
     t_start = time.perf_counter()
     if gpu:
-        from gpuctx._cuda import CudaDevice
+        from gpuctx.device.cuda import CudaDevice
 
         device = CudaDevice(0)
         props = torch.cuda.get_device_properties(0)

@@ -156,7 +156,7 @@ def demo(clips: int = 6, budget: str = "8GB", device: str = "auto", real: bool |
 
 def _cuda_visible() -> bool:
     try:
-        from gpuctx import _cuda
+        from gpuctx.device import cuda as _cuda
 
         return _cuda.cuda_available()
     except Exception:  # noqa: BLE001 - a broken CUDA install: the CPU

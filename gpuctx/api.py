@@ -72,7 +72,7 @@ def scheduler() -> Scheduler:
     """The kernel's scheduler, created on first use; after :func:`shutdown`, only once configure()/reset() ran."""
     global _sched
     s = _sched
-    if s is not None and not s._closed:   # the attribute, not the property: this runs for every call
+    if s is not None and not s.closed:
         return s
     with _lock:
         if _shut:

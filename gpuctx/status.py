@@ -59,18 +59,15 @@ class Status:
     @classmethod
     def of(cls, sched: "Scheduler") -> "Status":
         """Take the summary now."""
-        with sched._cond:
-            led = sched._ledger
-            models = tuple(
-                ModelRow(s.name, s.state, s.size, s.size_source, led.charge(s.name), s.priority, QoS.name(s.qos),
-                         s.pin, s.loads, s.queued, s.pending, s.last_used)
-                for s in sched._slots.values()
-            )
-            tasks = tuple(
-                TaskRow(t.id, t.name, t.model, t.state.value, "cpu" if t._on_cpu else t.model)
-                for t in sorted(sched._live, key=lambda t: t.id)
-            )
-            budget, committed = led.budget, led.committed()
+        view = sched.view()
+        models = tuple(
+            ModelRow(s.name, s.state, s.size, s.size_source, charge, s.priority, QoS.name(s.qos),
+                     s.pin, s.loads, s.queued, s.pending, s.last_used)
+            for s, charge in view.slots
+        )
+        tasks = tuple(TaskRow(t.id, t.name, t.model, t.state.value, t.device if t.device == "cpu" else t.model)
+                      for t in view.tasks)
+        budget, committed = view.budget, view.committed
         ok, problems = sched.healthy()
         return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems))
 

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 import gpuctx
-from gpuctx import _cuda
+from gpuctx.device import cuda as _cuda
 from gpuctx.device import CpuDevice, make_device
-from gpuctx.graphs import (
+from gpuctx.device.graphs import (
     GraphRunner,
     _graph_key,
     _tensors_in,
@@ -67,7 +67,7 @@ def test_bad_index_for_cuda_device(index):
 
 
 def test_importing_the_backend_imports_neither_cupy_nor_torch():
-    code = ("import sys, gpuctx, gpuctx._cuda, gpuctx.graphs, gpuctx.device; "
+    code = ("import sys, gpuctx, gpuctx.device.cuda, gpuctx.device.graphs, gpuctx.device; "
             "print(sorted(m for m in ('cupy', 'torch', 'pynvml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -152,7 +152,7 @@ def test_tensors_are_found_in_key_order_whatever_the_dict_order():
 
 def test_version_counters_tolerate_inference_tensors():
     torch = pytest.importorskip("torch")
-    from gpuctx.graphs import _versions
+    from gpuctx.device.graphs import _versions
 
     with torch.inference_mode():
         frozen = torch.randn(3)
@@ -355,7 +355,7 @@ def test_release_waits_a_bounded_time_for_memory_that_never_shows_up():
 
 def test_worker_modes_put_a_thread_in_a_fresh_threads_grad_and_inference_modes():
     torch = pytest.importorskip("torch")
-    from gpuctx.graphs import WORKER_MODES, _mode_key, worker_modes
+    from gpuctx.device.graphs import WORKER_MODES, _mode_key, worker_modes
 
     seen = []
     t = threading.Thread(target=lambda: seen.append(_mode_key(torch)))

@@ -187,7 +187,7 @@ def test_without_the_gil_the_standard_ways_are_taken(fresh, monkeypatch, gate):
     the standard wait."""
     monkeypatch.setattr(task_module, "GIL", False)
     monkeypatch.setattr(task_module, "_LAZY_FUTURE", False)
-    monkeypatch.setattr(sys.modules["gpuctx.engine.intake"], "_GIL", False)
+    monkeypatch.setattr(sys.modules["gpuctx.engine._guard"], "_GIL", False)
     release = gate()
     job = _gated(release)
     first = job(0)

@@ -179,7 +179,7 @@ def test_gpu_models_bench_runs_in_cpu_smoke_mode(fresh, cache, capsys):
 
 def test_offload_rebinding_keeps_tied_and_aliased_tensors_shared():
     """The CUDA offload/restore code path's rebinding, run with host copies (no GPU needed)."""
-    from gpuctx import _cuda
+    from gpuctx.device import cuda as _cuda
 
     m = torch.nn.Module()
     m.a = torch.nn.Linear(4, 4, bias=False)

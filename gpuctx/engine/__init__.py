@@ -12,5 +12,6 @@ from .session import Session
 from .spec import Config, TaskSpec, current_frame
 from .state import IllegalTransition
 
+
 __all__ = ["Config", "Deadlock", "IllegalTransition", "Scheduler", "Session", "TaskSpec", "ThreadedDriver",
            "VirtualDriver", "current_frame"]

@@ -36,13 +36,12 @@ import threading
 from collections import deque
 from typing import Any, Callable
 
-from ..errors import (
-    SchedulerClosed,
-)
+from .. import policy
+from ..errors import SchedulerClosed
 from ..models import Slot
-from ..task import Task
+from ..task import GIL as _GIL, Task
+from .spec import TaskSpec
 from .state import _QUEUED, _resolve
-
 
 
 class _Guard(threading.Condition):
@@ -123,6 +122,17 @@ class _IntakeGate:
                 return task   # shutdown() took it in before this thread looked: it is shutdown's now
         raise SchedulerClosed(f"{task.name}(): the gpuctx scheduler was shut down during this call; "
                               "call gpuctx.configure() or use a new one")
+
+    def _may_skip_lock(self, spec: TaskSpec, deps: list) -> Slot | None:
+        """The slot a call may be submitted to without the lock (point 2 of the module's proof), or None."""
+        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after
+                and not (spec.cuda_graph and not deps)):
+            slot = self._slots.get(spec.model)
+            if (slot is not None and slot.busy and slot.state == policy.RESIDENT and slot.max_queue is None
+                    and (spec.vram is None or spec.vram == slot.size) and not self._handlers and not self._closed
+                    and (not deps or all(d._owner is self for d in deps))):
+                return slot
+        return None
 
     def _set_idle_locked(self, slot: Slot) -> None:
         """The worker's half of the handshake: mark ``slot`` idle, *then* look at the intake."""

@@ -7,6 +7,7 @@ from typing import Any
 from .._walk import collect, replace
 from ..task import Task
 
+
 _SCALARS = frozenset((int, float, str, bytes, bool, type(None)))
 
 

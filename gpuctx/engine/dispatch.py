@@ -78,7 +78,6 @@ class _Dispatch:
         return False
 
 
-
 def _victim_reason(s: Slot) -> str:
     work = "has queued work" if (s.queued or s.pending) else "no queued work"
     return f"{work}, {QoS.name(s.qos).lower()}, priority {s.priority}, idle"

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from ._guard import _Guard
 
+
 __all__ = ["ThreadedDriver", "VirtualDriver", "Deadlock"]
 
 

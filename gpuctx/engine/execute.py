@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
-from ..errors import (
-    BatchError,
-    GpuOutOfMemory,
-)
+from ..errors import BatchError, GpuOutOfMemory
 from ..models import Slot
 from ..task import Task
 from ..units import format_size
@@ -81,7 +78,7 @@ class _Execution:
         if spec.cuda_graph and self._device.name != "cpu":
             runner = self._graph_runners.get((spec.fn, context))
             if runner is None:
-                from ..graphs import make_graph_runner
+                from ..device.graphs import make_graph_runner
 
                 runner = self._graph_runners[(spec.fn, context)] = make_graph_runner(fn, device=self._device, context=context)
             return runner, (args, kwargs), {}
@@ -129,7 +126,6 @@ class _Execution:
         )
         err.__cause__ = exc
         return err
-
 
 
 def _run_coroutine(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

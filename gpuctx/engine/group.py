@@ -13,7 +13,7 @@ import contextlib
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, TYPE_CHECKING
 
 from .. import policy
 from ..models import Slot
@@ -21,6 +21,7 @@ from ..task import Task
 from ._walkargs import _substitute
 from .spec import TaskSpec, _Frame, _current
 from .state import _QUEUED, _resolve, slot_to
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scheduler import Scheduler
@@ -141,7 +142,7 @@ class _Groups:
         runner = self._graph_runners.get((spec.fn, spec.model))
         if runner is None:
             return False
-        from ..graphs import WORKER_MODES
+        from ..device.graphs import WORKER_MODES
 
         # Keyed as on a worker (a caller under torch.no_grad() would never match its graphs):
         # _launch_here runs the call under the worker's modes too.
@@ -159,7 +160,7 @@ class _Groups:
         return slot.obj
 
     def _launch_here(self, slot: Slot, obj: Any, task: Task) -> None:
-        from ..graphs import worker_modes
+        from ..device.graphs import worker_modes
 
         torch = sys.modules.get("torch")
         token = _current.set(_Frame(slot.name, obj, self._device.name, None))

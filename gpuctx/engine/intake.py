@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import functools
-
 import weakref
 from dataclasses import replace
 from typing import Any
 
 from .. import policy
-from ..errors import (
-    BudgetError,
-    ConfigError,
-    Overloaded,
-    SchedulerClosed,
-)
+from ..errors import BudgetError, ConfigError, Overloaded, SchedulerClosed
 from ..models import Slot
 from ..task import Task
 from ..units import format_size
-from ..task import GIL as _GIL
 from ._walkargs import _collect_tasks
 from .spec import TaskSpec
 from .state import _CANCELLED, _FAILED, _dep_error, _resolve
@@ -46,13 +39,9 @@ class _Intake:
         # Work the caller queued on its own stream before this call (the tensors it passes, made
         # on the default stream a moment ago) must be done before the task's stream reads them.
         task._caller_event = self._device.record_caller()
-        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after
-                and not (spec.cuda_graph and not deps)):
-            slot = self._slots.get(spec.model)
-            if (slot is not None and slot.busy and slot.state == policy.RESIDENT and slot.max_queue is None
-                    and (spec.vram is None or spec.vram == slot.size) and not self._handlers and not self._closed
-                    and (not deps or all(d._owner is self for d in deps))):
-                return self._submit_to_draining(slot, task)
+        slot = self._may_skip_lock(spec, deps)
+        if slot is not None:
+            return self._submit_to_draining(slot, task)
         launch = spec.cuda_graph and not deps and self._replayable(spec, args, kwargs)
         if self._handlers and spec.device != "cpu":
             self._ask_handlers(spec)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import replace
 from typing import Any, Callable
 
 from .. import policy
-from ..errors import (
-    BudgetError,
-    ConfigError,
-)
+from ..errors import BudgetError, ConfigError
 from ..models import OVERFLOW_POLICIES, QoS, Slot
 from ..units import format_size, parse_size
 

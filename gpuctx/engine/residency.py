@@ -9,11 +9,7 @@ from __future__ import annotations
 import warnings
 
 from .. import policy
-from ..errors import (
-    BudgetError,
-    ConfigError,
-    ModelLoadError,
-)
+from ..errors import BudgetError, ConfigError, ModelLoadError
 from ..models import Slot
 from ..units import format_size
 from .execute import _drop_frames

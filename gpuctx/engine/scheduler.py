@@ -7,23 +7,20 @@ groups, residency, execution, transitions, the lock-free gate); its state is lis
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from .. import policy
-from ..errors import (
-    ConfigError,
-)
-from ..models import Slot
-from ..errors import WaitDeadlock
-from ..task import Task, TaskState
-from ..units import format_size
-from ..device import Device
+from ..device import Device, make_device
+from ..errors import ConfigError, WaitDeadlock
 from ..ledger import Ledger
+from ..models import Slot
+from ..task import Task, TaskState
 from ..trace import Trace
-from ..device import make_device
+from ..units import format_size
 from ._guard import _IntakeGate
 from .dispatch import _Dispatch
 from .drivers import ThreadedDriver
@@ -35,6 +32,15 @@ from .residency import _Residency
 from .session import Session
 from .spec import Config, current_frame
 from .state import _QUEUED, _Transitions, _WAITING, _resolve
+
+
+class EngineView(NamedTuple):
+    """What :meth:`Scheduler.view` returns: copies of the slots, so reading them takes no lock."""
+
+    budget: int
+    committed: int
+    slots: tuple    # (Slot copy, bytes charged)
+    tasks: tuple    # live Tasks, oldest first
 
 
 class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency, _Execution, _Transitions):
@@ -140,6 +146,13 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         """Tasks not yet finished, oldest first."""
         with self._cond:
             return sorted(self._live, key=lambda t: t.id)
+
+    def view(self) -> "EngineView":
+        """One consistent reading of the budget, every slot with its charge, and the live tasks."""
+        with self._cond:
+            slots = tuple((copy.copy(s), self._ledger.charge(s.name)) for s in self._slots.values())
+            return EngineView(self._ledger.budget, self._ledger.committed(), slots,
+                              tuple(sorted(self._live, key=lambda t: t.id)))
 
     def snapshot(self) -> policy.Snapshot:
         """The policy's view of the scheduler now."""
@@ -266,7 +279,6 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
                 f"{who} waits for {task.name} (Task #{task.id}), which needs model {task.model!r}: the model "
                 f"that {who} holds, so it cannot start before the wait ends. Pass the Task as an argument "
                 "(a dependency) or return it, instead of waiting inside the body")
-
 
 
 def _apply_host_budget(device: Device, host_budget: int | None) -> None:

@@ -12,12 +12,13 @@ import asyncio
 import threading
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import Any, TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..task import Task
 from ..units import parse_size
 from .spec import TaskSpec, _Frame, _current
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scheduler import Scheduler

@@ -9,12 +9,9 @@ import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
-from ..errors import (
-    ConfigError,
-)
+from ..errors import ConfigError
 from ..task import Task
 from ..units import parse_size
-
 
 
 # --------------------------------------------------------------------------- config
@@ -121,7 +118,6 @@ class _Frame:
     obj: Any
     device: str
     task: Task | None
-
 
 
 _current: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar("gpuctx_current", default=None)

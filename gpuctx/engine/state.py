@@ -33,6 +33,7 @@ from ..errors import DependencyError
 from ..models import Slot
 from ..task import Task, TaskState
 
+
 # The states as module constants: looking a member up on the Enum class costs ~70 ns, and the
 # hot path does it several times per task.
 _WAITING, _QUEUED, _RUNNING = TaskState.WAITING, TaskState.QUEUED, TaskState.RUNNING
@@ -191,7 +192,6 @@ class _Transitions:
         return True
 
 
-
 def _dep_error(task: Task, dep: Task) -> DependencyError:
     """The error of ``task`` whose dependency ``dep`` failed or was cancelled.
 
@@ -216,7 +216,6 @@ def _dep_error(task: Task, dep: Task) -> DependencyError:
     err.__cause__ = root
     err.root_task, err.depth = root_task, depth
     return err
-
 
 
 def _resolve(items: list) -> None:

@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gpuctx  # noqa: E402
-from gpuctx._cuda import CudaDevice  # noqa: E402
-from gpuctx.graphs import make_graph_runner  # noqa: E402
+from gpuctx.device.cuda import CudaDevice  # noqa: E402
+from gpuctx.device.graphs import make_graph_runner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 MiB = 2**20

@@ -46,9 +46,9 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
-from ._walk import collect, replace
-from ._cuda import _CAPTURE_LOCK, _cupy_view, _torch_stream_calls
-from .errors import ConfigError
+from .._walk import collect, replace
+from ..errors import ConfigError
+from .cuda import _CAPTURE_LOCK, _cupy_view, _torch_stream_calls
 
 __all__ = ["GraphRunner", "make_graph_runner", "WORKER_MODES", "worker_modes"]
 

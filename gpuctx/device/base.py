@@ -1,26 +1,18 @@
-"""Device backends: where memory comes from and where task bodies run.
+"""What every device backend is: the :class:`Device` protocol, and how objects are measured.
 
-The scheduler talks to one :class:`Device`. :class:`CpuDevice` is the fallback used
-with no CUDA (or ``device="cpu"``): the budget is declared, streams and events are
-no-ops, and a loaded torch module is measured by its parameter and buffer bytes
-(shared tensors once), since there is no allocator to read. ``CudaDevice`` (in :mod:`gpuctx._cuda`, imported only
-when CUDA is asked for) gives each execution context its own CUDA stream shared by
-torch and CuPy, records/waits CUDA events between contexts, measures model sizes,
-releases memory for real on eviction and offloads weights to pinned host RAM.
+The bottom layer of the device package: it imports nothing of gpuctx but units, so the
+backends (``cpu``, ``cuda``) and ``graphs`` import it and never each other's package.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
 
-from .errors import ConfigError
-from .units import GB
+from ..units import GB
 
-__all__ = ["Device", "CpuDevice", "ReleaseReport", "make_device", "DEFAULT_CPU_BUDGET"]
+__all__ = ["Device", "ReleaseReport", "DEFAULT_CPU_BUDGET", "host_bytes", "object_tensors", "span_bytes"]
 
 DEFAULT_CPU_BUDGET = 16 * GB
 
@@ -101,70 +93,6 @@ class Device(Protocol):
         """Release streams and pools."""
 
 
-class CpuDevice:
-    """No GPU: a declared budget, no streams, no events; torch objects measured by their tensors' bytes."""
-
-    def __init__(self, budget: int = DEFAULT_CPU_BUDGET) -> None:
-        self.name = "cpu"
-        self._budget = budget
-
-    def capacity(self) -> int:
-        return self._budget
-
-    def get_stream(self, context: str) -> None:
-        return None
-
-    def stream_scope(self, context: str) -> ContextManager[None]:
-        return contextlib.nullcontext()
-
-    def record_event(self, context: str) -> None:
-        return None
-
-    def wait_event(self, context: str, event: Any) -> None:
-        return None
-
-    def synchronize(self, event: Any) -> None:
-        return None
-
-    def record_caller(self) -> None:
-        return None
-
-    def record_stream(self, context: str, value: Any) -> None:
-        return None
-
-    def join_caller(self, event: Any) -> None:
-        return None
-
-    def load(self, context: str, loader: Callable[[], Any]) -> tuple[Any, int | None]:
-        """Run ``loader``; measure what it returned by its tensors' bytes (None when it holds no torch tensors)."""
-        obj = loader()
-        return obj, host_bytes(obj)
-
-    def release(self, name: str, holder: list, expected: int) -> ReleaseReport:
-        ref = _weak(holder.pop())
-        if ref is not None and ref() is not None:
-            gc.collect()   # reference cycles inside the model
-        return ReleaseReport(freed=None, still_referenced=ref is not None and ref() is not None)
-
-    def can_offload(self, obj: Any) -> bool:
-        return False
-
-    def offload(self, context: str, obj: Any) -> Any:
-        return obj
-
-    def restore(self, context: str, obj: Any) -> Any:
-        return obj
-
-    def is_oom(self, exc: BaseException) -> bool:
-        return type(exc).__name__ in ("OutOfMemoryError",) or isinstance(exc, MemoryError)
-
-    def empty_caches(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
 def _weak(obj: Any) -> Any:
     """A weak reference to ``obj``, or None for objects that cannot have one (then nothing is reported)."""
     import weakref
@@ -234,26 +162,3 @@ def span_bytes(tensors: list) -> int:
         total += hi - max(lo, end)
         end = hi
     return total
-
-
-def make_device(spec: str, budget: int | None) -> Device:
-    """Build the device named by ``spec`` (``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
-    if not isinstance(spec, str):
-        raise ConfigError(f"device={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if spec == "cpu":
-        return CpuDevice(DEFAULT_CPU_BUDGET if budget is None else budget)
-    if spec == "auto" or spec == "cuda" or spec.startswith("cuda:"):
-        index = 0
-        if spec.startswith("cuda:"):
-            try:
-                index = int(spec[5:])
-            except ValueError:
-                raise ConfigError(f"device={spec!r}: expected 'cuda:N' with N a card index like 'cuda:0'") from None
-        from . import _cuda
-
-        if not _cuda.cuda_available():
-            if spec == "auto":
-                return CpuDevice(DEFAULT_CPU_BUDGET if budget is None else budget)
-            raise ConfigError(f"device={spec!r}: no CUDA device is visible to torch or CuPy; use device='cpu'")
-        return _cuda.CudaDevice(index, budget)
-    raise ConfigError(f"device={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")

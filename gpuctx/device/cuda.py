@@ -47,9 +47,9 @@ import warnings
 import weakref
 from typing import Any, Callable, ContextManager, Iterator
 
-from .device import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
-from .errors import BudgetError, ConfigError
-from .units import MiB, format_size, parse_size
+from ..errors import BudgetError, ConfigError
+from ..units import MiB, format_size, parse_size
+from .base import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
 
 __all__ = ["cuda_available", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
 
@@ -71,7 +71,7 @@ _OOM_MESSAGES = (
 )
 
 # torch allows one CUDA-graph capture at a time per process, and the caching allocator must
-# not synchronise (empty_cache) while one is underway in another thread. gpuctx.graphs holds
+# not synchronise (empty_cache) while one is underway in another thread. gpuctx.device.graphs holds
 # this lock around a capture; empty_caches() holds it too.
 _CAPTURE_LOCK = threading.RLock()
 
@@ -495,7 +495,7 @@ class CudaDevice:
     def generation(self, context: str) -> int:
         """A counter bumped whenever ``context``'s model is loaded, released, offloaded or restored.
 
-        CUDA graphs bake in weight addresses; :mod:`gpuctx.graphs` drops the graphs of a
+        CUDA graphs bake in weight addresses; :mod:`gpuctx.device.graphs` drops the graphs of a
         context when its generation changes.
         """
         return self._generations.get(context, 0)
