@@ -1,8 +1,8 @@
-"""The user API: ``gpu_task``, ``model``, ``configure``, ``wait``, ``gather``, contexts, streams.
+"""The user API: `gpu_task`, `model`, `configure`, `wait`, `gather`, contexts, streams.
 
 One scheduler lives per process (per kernel), created on first use with the settings
-of :func:`configure`. Models and contexts are remembered here too, so that after
-:func:`shutdown` the next scheduler knows them again; :func:`reset` forgets everything.
+of `configure()`. Models and contexts are remembered here too, so that after
+`shutdown()` the next scheduler knows them again; `reset()` forgets everything.
 """
 
 from __future__ import annotations
@@ -44,19 +44,43 @@ _shut = False                                 # shutdown() called: no new schedu
 
 # --------------------------------------------------------------------------- lifecycle
 def current_config() -> Config:
-    """The settings in force (what :func:`configure` last set), for views such as ``%config GpuCtx``."""
+    """The settings in force (what `configure()` last set), for views such as `%config GpuCtx`."""
     return _config
 
 
 def configure(**settings: Any) -> Config:
-    """Set scheduler settings; applies to the running scheduler at once where safe.
+    """Change scheduler settings; a running scheduler takes them at once.
 
-    ``budget`` (size, default: device memory, or 16 GB on CPU), ``safety_factor`` (0.9),
-    ``device`` ("auto", "cpu", "cuda", "cuda:N"), ``max_wait`` (floor of the starvation bound,
-    and how long a task waits before it goes ahead of higher priorities in its queue, s),
-    ``aging`` (accepted; no longer ranks groups), ``latency_priority``, ``keep_alive`` (s or None),
-    ``oom_retries``, ``offload``, ``host_budget``, ``trace_capacity``, ``cpu_workers``,
-    ``progress``.
+    Only the settings named change; the others keep their current values. Every value is
+    checked before anything changes, so a refused call changes nothing. After
+    [`shutdown`][gpuctx.shutdown], calling this lets the next use start a new scheduler.
+
+    | Setting | Default | Meaning |
+    |---|---|---|
+    | `budget` | `None` | Bytes of VRAM the scheduler may keep committed: an int, or a string like `"20GB"`. An explicit budget is used as given (no safety factor). `None`: the memory read from the device times `safety_factor` (on a GPU, its memory less what other processes hold; on the CPU, 16 GB). |
+    | `safety_factor` | `0.9` | Fraction, in (0, 1], of the memory read from the device that the budget takes; it does not apply to an explicit `budget`. |
+    | `device` | `"auto"` | `"auto"` (CUDA device 0 when one is visible, else the CPU), `"cpu"`, `"cuda"` or `"cuda:N"`. Changes only while no model is loaded and no task is live. |
+    | `max_wait` | `30.0` | Seconds (a number, or a string like `"500ms"`, `"2s"`, `"1min"`): the floor of the starvation bound between models, and how long a task waits in its model's queue before it goes ahead of higher priorities. |
+    | `aging` | `10.0` | Seconds; accepted for compatibility, no longer ranks groups. |
+    | `latency_priority` | `10` | Tasks of at least this priority skip batching windows (`batch_wait`). |
+    | `keep_alive` | `None` | Seconds a model may stay idle before it is unloaded; `None`: kept until its memory is needed. A model's own `keep_alive` comes first. |
+    | `oom_retries` | `1` | How many times a task that runs out of device memory is retried after evicting idle models and emptying the caches (an int >= 0); a task's own `oom_retries` comes first. |
+    | `offload` | `True` | On eviction, move a model's weights to pinned host RAM (where the device can) instead of dropping them. |
+    | `host_budget` | `None` | Bytes of pinned host RAM that offloaded weights may hold (a size); `None`: no limit. A model that would exceed it is dropped instead. |
+    | `trace_capacity` | `100000` | Events the trace keeps (an int >= 1); the oldest go first. |
+    | `cpu_workers` | `2` | Threads of the pool that runs CPU-routed tasks (an int >= 1), made at the first such task. |
+    | `progress` | `False` | The default of [`wait`][gpuctx.wait]'s `progress`: show a tqdm bar. |
+
+    Args:
+        **settings: the settings to change, by name (see the table); e.g. `budget="20GB"`.
+
+    Returns:
+        The settings now in force (a frozen dataclass with one field per setting).
+
+    Raises:
+        ConfigError: an unknown setting or a bad value (the message names both); a `device`
+            change while models are loaded or tasks are live; a `budget` below the bytes
+            committed now (evict models first).
     """
     global _config, _shut
     with _lock:
@@ -69,7 +93,18 @@ def configure(**settings: Any) -> Config:
 
 
 def scheduler() -> Scheduler:
-    """The kernel's scheduler, created on first use; after :func:`shutdown`, only once configure()/reset() ran."""
+    """The kernel's scheduler, created on first use with the settings of [`configure`][gpuctx.configure].
+
+    A new scheduler gets every model, context and memory-pressure handler registered so far.
+    The module-level functions call this; user code rarely needs it.
+
+    Returns:
+        The running scheduler (its class is internal; its methods are not public API).
+
+    Raises:
+        SchedulerClosed: [`shutdown`][gpuctx.shutdown] was called and neither
+            [`configure`][gpuctx.configure] nor [`reset`][gpuctx.reset] has been called since.
+    """
     global _sched
     s = _sched
     if s is not None and not s.closed:
@@ -92,7 +127,21 @@ def scheduler() -> Scheduler:
 
 
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
-    """Stop the scheduler: wait for (or cancel) queued work, unload every model. Registrations are kept."""
+    """Stop the scheduler: no new work is accepted, queued work runs (or is cancelled), every model is unloaded.
+
+    Models, contexts, handlers and settings stay registered. Until [`configure`][gpuctx.configure]
+    or [`reset`][gpuctx.reset] is called, submitting work raises
+    [`SchedulerClosed`][gpuctx.SchedulerClosed]; after either, the next use starts a new scheduler.
+
+    Args:
+        wait: `True` (default): return once every task has ended, the workers have stopped and
+            the models are unloaded. `False`: return at once; queued work still runs to the end,
+            and the last group to end stops the workers and unloads the models. Called from
+            inside gpuctx (a task body, a session, a done-callback) it never waits, since it
+            would wait for itself.
+        cancel_pending: `True`: cancel every task that has not started (waiting for its
+            dependencies or queued); running tasks finish. Default `False`: queued work runs.
+    """
     global _sched, _shut
     with _lock:
         s, _sched = _sched, None
@@ -102,7 +151,10 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
 
 
 def reset() -> None:
-    """Shut down, cancelling queued work, and forget every model, context, handler and setting."""
+    """Shut down, cancelling queued work, and forget every model, context, handler and setting.
+
+    Waits for running tasks to end. The next use starts a new scheduler with the default settings.
+    """
     global _config, _shut
     shutdown(wait=True, cancel_pending=True)
     with _lock:
@@ -121,13 +173,39 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
           keep_alive: float | str | None = None, unload: Callable[[Any], Any] | None = None,
           offload: bool | None = None, max_queue: int | None = None,
           overflow: str | None = None) -> Callable[[F], F]:
-    """Register the decorated function as the loader of model ``name``; returns it unchanged.
+    """Register the decorated function as the loader of model `name`; it is returned unchanged.
 
-    ``vram``: declared size ("4.5GB", "512MiB", bytes) or "auto" (measured at first load).
-    ``pin``: never evicted. ``keep_alive``: seconds idle before it is unloaded.
-    ``unload(obj)``: called before the object is dropped. ``offload``: move weights to host RAM
-    on eviction (default: when the object is a torch module). ``max_queue``/``overflow``:
-    queue limit and policy ("block", "reject", "drop_oldest").
+    The loader takes no arguments and returns the model object; it runs when a task of the
+    model first needs it resident, not here. Registering a name again (a cell run twice)
+    replaces the registration; an object loaded from the old one is evicted once idle.
+
+    Args:
+        name: the model's name, which `@gpu_task(model=name)` and contexts refer to.
+        vram: the model's size: an int of bytes or a string like `"4.5GB"` or `"512MiB"`;
+            `"auto"`: measured at the first load. Default `None`: a task's `vram=`, else what
+            the load measures.
+        priority: among idle models, the lower priority is evicted first. Default `0`.
+        pin: `True`: never evicted (until shutdown). Default `False`.
+        keep_alive: seconds idle (a number, or a string like `"5min"`) before the model is
+            unloaded. Default `None`: the configured `keep_alive`.
+        unload: called with the loaded object before it is dropped (not when it is offloaded);
+            an error it raises is a warning. Default `None`.
+        offload: whether eviction moves the weights to pinned host RAM instead of dropping
+            them. `False`: never. Default `None` (or `True`): when `configure(offload=...)`
+            allows it and the device can offload the object (a torch module on a GPU).
+        max_queue: the most tasks of this model waiting at once (an int >= 1). Default `None`:
+            no limit.
+        overflow: what a submit does when the queue is full: `"block"` (wait for room),
+            `"reject"` (raise [`Overloaded`][gpuctx.Overloaded]) or `"drop_oldest"` (the oldest
+            queued task fails with `Overloaded`). Default `None`: unchanged (initially `"block"`).
+
+    Returns:
+        A decorator that registers the loader and returns it unchanged.
+
+    Raises:
+        ConfigError: a bad argument, or a decorated object that is not callable.
+        BudgetError: a declared `vram` that can never fit in the budget, or above the
+            context's `max_vram` (raised when decorating).
     """
     _check_int(priority, "priority")
     if not isinstance(pin, bool):
@@ -152,7 +230,16 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
 
 
 def current_model() -> Any:
-    """The loaded object of the running task's model (None for a label or a CPU-routed task)."""
+    """The loaded object of the running task's model.
+
+    Returns:
+        What the model's loader returned; `None` for a label (a model with no loader) or a
+            task routed to the CPU.
+
+    Raises:
+        ConfigError: called outside a `@gpu_task` body, a `%%gpuctx` cell or a
+            [`context_session`][gpuctx.context_session].
+    """
     frame = current_frame()
     if frame is None:
         raise ConfigError("gpuctx.current_model() called outside a gpu_task, %%gpuctx cell or context_session")
@@ -160,7 +247,15 @@ def current_model() -> Any:
 
 
 def current_device() -> str:
-    """``"cpu"`` or ``"cuda:N"``: where the running task's work should go."""
+    """Where the running task's work should go.
+
+    Returns:
+        `"cpu"` or `"cuda:N"`.
+
+    Raises:
+        ConfigError: called outside a `@gpu_task` body, a `%%gpuctx` cell or a
+            [`context_session`][gpuctx.context_session].
+    """
     frame = current_frame()
     if frame is None:
         raise ConfigError("gpuctx.current_device() called outside a gpu_task, %%gpuctx cell or context_session")
@@ -168,7 +263,18 @@ def current_device() -> str:
 
 
 def evict(name: str | None = None) -> list[str]:
-    """Evict model ``name`` now (or every idle, unpinned model); returns the names evicted."""
+    """Evict a model now, or every idle one.
+
+    Args:
+        name: the model to evict. Default `None`: every resident model that is idle, not pinned
+            and not a label.
+
+    Returns:
+        The names evicted; empty when `name` is not resident.
+
+    Raises:
+        ConfigError: no model is called `name`, or it is running a task.
+    """
     return scheduler().evict(name)
 
 
@@ -225,17 +331,47 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
              device: str | None = None, fallback: str | None = None, batch_size: int | None = None,
              batch_wait: float | str = 0.0, cuda_graph: bool = False, oom_retries: int | None = None,
              max_queue: int | None = None, overflow: str | None = None) -> Any:
-    """Turn a function into schedulable work: calling it returns a :class:`Task` at once.
+    """Turn a function into schedulable work: calling it returns a [`Task`][gpuctx.Task] at once.
 
-    ``model``: the model/context it runs in (``current_model()`` gives the loaded object).
-    ``vram``: the model's size, for a model not registered with ``@gpuctx.model``.
-    ``priority``: higher first. ``after``: Tasks or gpu_task functions to run after.
-    ``device="cpu"``: run in the CPU pool outside the budget; ``fallback="cpu"``: go there when
-    the model cannot fit. ``batch_size``/``batch_wait``: the function takes a list of inputs and
-    returns a list. ``cuda_graph``: capture and replay the body as a CUDA graph.
-    The wrapper keeps the exact signature: a bad call raises TypeError at the call.
-    Per-call overrides: ``fn.options(priority=..., after=[...])(args)``; ``fn.try_submit(args)``
-    never blocks on a full queue.
+    Use it bare (`@gpu_task`) or with options (`@gpu_task(model="llm", vram="4GB")`). The
+    wrapper keeps the function's exact signature: a call with bad arguments raises `TypeError`
+    at the call. It also has `fn.options(priority=..., after=[...], vram=..., device=...)`,
+    which returns the function with those per-call overrides, and `fn.try_submit(*args)`,
+    which never blocks on a full queue (it raises [`Overloaded`][gpuctx.Overloaded] at once).
+
+    Args:
+        fn: the function, when used bare as `@gpu_task`; leave it out to give options.
+        model: the model or context the task runs in; the body gets the loaded object from
+            [`current_model`][gpuctx.current_model]. Default `None`: the context `"default"`.
+        vram: the model's size (an int of bytes or a string like `"4GB"`), for a model not
+            registered with [`model`][gpuctx.model]. Default `None`: the size known already.
+        priority: higher runs first in the model's queue. Default `0`.
+        after: Tasks, or `@gpu_task` functions (meaning their calls not yet ended when this
+            one is submitted), that must end before this task starts. Default `None`.
+        name: the task's name in status, trace and errors. Default `None`: the function's name.
+        device: `"cpu"`: run in the CPU pool, outside the VRAM budget. Default `None`: in the
+            model's context on the scheduler's device.
+        fallback: `"cpu"`: go to the CPU pool when the model cannot fit in the budget (or,
+            with a memory-pressure handler registered, cannot be made room for now).
+            Default `None`: no fallback.
+        batch_size: the most inputs per call of a batched function (an int >= 1). Above 1,
+            the function takes exactly one required argument, the list of inputs, and returns
+            one result per input; each call `fn(x)` submits one input. Default `None`: 1.
+        batch_wait: seconds (a number, or a string like `"5ms"`) to wait for a batch to fill;
+            tasks of priority >= `latency_priority` do not wait. Default `0.0`.
+        cuda_graph: capture the body as a CUDA graph at the first call and replay it after;
+            on the CPU the body just runs. Default `False`.
+        oom_retries: retries after an out-of-memory error (an int >= 0). Default `None`: the
+            configured `oom_retries`.
+        max_queue: the model's queue limit, as in [`model`][gpuctx.model]. Default `None`: unchanged.
+        overflow: the model's overflow policy, as in [`model`][gpuctx.model]. Default `None`: unchanged.
+
+    Returns:
+        The wrapped function, or, without `fn`, a decorator that makes it.
+
+    Raises:
+        ConfigError: a bad option, or `batch_size` above 1 for a function that does not take
+            exactly one required argument.
     """
     if fn is not None and not callable(fn):
         raise ConfigError(f"gpu_task({fn!r}): expected a function, or keyword arguments only")
@@ -342,7 +478,23 @@ def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool
 
 def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when: str = ALL_COMPLETED,
          progress: bool | None = None) -> tuple[set[Task], set[Task]]:
-    """Wait for tasks like ``concurrent.futures.wait``; ``progress=True`` shows a tqdm bar."""
+    """Wait for tasks, like `concurrent.futures.wait`.
+
+    Args:
+        tasks: a [`Task`][gpuctx.Task] or an iterable of them.
+        timeout: seconds to wait at most. Default `None`: no limit.
+        return_when: `concurrent.futures.ALL_COMPLETED` (default), `FIRST_COMPLETED` or
+            `FIRST_EXCEPTION`.
+        progress: `True`: show a tqdm progress bar (with `ALL_COMPLETED` only). Default `None`:
+            the configured `progress`.
+
+    Returns:
+        `(done, not_done)`: two sets of tasks.
+
+    Raises:
+        ConfigError: an item is not a [`Task`][gpuctx.Task].
+        ValueError: `return_when` is none of the three.
+    """
     items = [tasks] if isinstance(tasks, Task) else list(tasks)
     for i, t in enumerate(items):
         if not isinstance(t, Task):
@@ -356,7 +508,22 @@ def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when
 
 
 def gather(*tasks: Task, timeout: float | None = None) -> list[Any]:
-    """Results of ``tasks`` in order; raises the first error met."""
+    """The results of tasks, in order.
+
+    Args:
+        *tasks: the tasks, or one list or tuple of them.
+        timeout: seconds to wait for each task at most. Default `None`: no limit.
+
+    Returns:
+        One result per task, in the order given.
+
+    Raises:
+        ConfigError: an argument is not a [`Task`][gpuctx.Task].
+        TimeoutError: a task did not end within `timeout`.
+        WaitDeadlock: called in a task body or session that holds the model a task not yet
+            started needs, so the wait could never end.
+        Exception: the error of the first failed task, in the order given.
+    """
     if len(tasks) == 1 and isinstance(tasks[0], (list, tuple)):
         tasks = tuple(tasks[0])
     for i, t in enumerate(tasks):
@@ -368,7 +535,30 @@ def gather(*tasks: Task, timeout: float | None = None) -> list[Any]:
 # --------------------------------------------------------------------------- contexts (PyGPUkit names)
 def create_context(name: str, *, max_vram: int | str | None = None, base_vram: int | str | None = None,
                    qos: Any = QoS.BURSTABLE, max_queue: int | None = None, overflow: str | None = None) -> Slot:
-    """Create an execution context; GUARANTEED reserves ``max_vram`` now, BURSTABLE ``base_vram``."""
+    """Create an execution context (a named slot with a QoS tier) and admit its reservation now.
+
+    A `GUARANTEED` context reserves `max_vram` now; a `BURSTABLE` one reserves `base_vram` and may
+    use more up to `max_vram` while there is room; a `BEST_EFFORT` one reserves nothing. Idle
+    models of the same or a lower tier are evicted to make room for the reservation.
+
+    Args:
+        name: the context's name; tasks run in it with `@gpu_task(model=name)`.
+        max_vram: the most bytes the context may use (an int or a string like `"8GB"`); required
+            for `GUARANTEED`. Default `None`: no cap.
+        base_vram: bytes reserved for a `BURSTABLE` context. Default `None`: 0 (`GUARANTEED`
+            reserves `max_vram`; `BEST_EFFORT` must leave it at 0).
+        qos: a [`QoS`][gpuctx.QoS] tier or its name. Default `QoS.BURSTABLE`.
+        max_queue: the context's queue limit, as in [`model`][gpuctx.model]. Default `None`: no limit.
+        overflow: the overflow policy, as in [`model`][gpuctx.model]. Default `None`: `"block"`.
+
+    Returns:
+        The context (pass it, or its name, to the other context functions).
+
+    Raises:
+        ConfigError: a bad argument, a context of that name exists already, or `max_vram` is
+            larger than the budget or below its model's size.
+        AdmissionError: the reservation cannot be admitted under the budget.
+    """
     kw = dict(max_vram=max_vram, base_vram=base_vram, qos=qos, max_queue=max_queue, overflow=overflow)
     with _lock:
         ctx = scheduler().create_context(name, **kw)
@@ -385,7 +575,26 @@ def _ctx_name(ctx: Any) -> str:
 
 def context_session(ctx: Any, *, vram: int | str | None = None, priority: int = 0,
                     after: Iterable[Task] = ()) -> Session:
-    """``with``/``async with``: wait for the context's turn, run the body on its stream with its model resident."""
+    """A session for `with` or `async with`: the body runs as a task of the context.
+
+    Nothing is requested when the session is made: entering it asks for the context's turn and
+    waits for it; the body then runs in the caller's thread, with the context's model resident
+    and its stream current, and [`current_model`][gpuctx.current_model] gives the object. Leaving
+    the block ends the turn, so the context's queue goes on.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+        vram: the bytes the body needs (an int or a string like `"2GB"`). Default `None`:
+            the size known already.
+        priority: the turn's priority in the queue; higher first. Default `0`.
+        after: tasks that must end before the turn starts. Default: none.
+
+    Returns:
+        The session, to use as `with gpuctx.context_session(ctx) as m:`.
+
+    Raises:
+        ConfigError: `ctx` is not a context or a name, or a bad `vram`, `priority` or `after`.
+    """
     return scheduler().session(_ctx_name(ctx), vram=vram, priority=priority, after=after)
 
 
@@ -393,13 +602,29 @@ session = context_session
 
 
 def get_context_usage(ctx: Any) -> "ContextUsage":
-    """Used, max and base bytes of a context."""
+    """The memory use of a context.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+
+    Returns:
+        The bytes used now, the cap (`max`) and the reservation (`base`).
+
+    Raises:
+        ConfigError: no context or model is called that.
+    """
     used, mx, base = scheduler().context_usage(_ctx_name(ctx))
     return ContextUsage(used, mx, base)
 
 
 class ContextUsage:
-    """``used``, ``max`` (None: no cap) and ``base`` bytes of a context."""
+    """The memory use of a context, from [`get_context_usage`][gpuctx.get_context_usage].
+
+    Attributes:
+        used: bytes the context uses now.
+        max: the most bytes it may use; `None`: no cap.
+        base: bytes reserved for it.
+    """
 
     __slots__ = ("used", "max", "base")
 
@@ -411,12 +636,31 @@ class ContextUsage:
 
 
 def get_available_vram() -> int:
-    """Bytes free in the budget now."""
+    """Bytes free in the budget now.
+
+    Returns:
+        The budget less what is counted or promised to models and contexts now.
+    """
     return scheduler().available()
 
 
 def on_memory_pressure(handler: Callable[[Any, int, int], bool]) -> Callable[[Any, int, int], bool]:
-    """Register ``handler(ctx, requested, available) -> bool`` (True: the request waits; False: it fails)."""
+    """Register a handler asked when a request cannot get its memory now, even by evicting.
+
+    Handlers are asked at submit, in the order registered, before anything of the request is
+    recorded; they may call gpuctx. Usable as a decorator.
+
+    Args:
+        handler: called as `handler(ctx, requested, available)` with the context, the bytes
+            requested and the bytes free; `True`: the request waits for room; `False`: it fails
+            with [`BudgetError`][gpuctx.BudgetError] at submit.
+
+    Returns:
+        `handler`, unchanged.
+
+    Raises:
+        ConfigError: `handler` is not callable.
+    """
     with _lock:
         scheduler().on_memory_pressure(handler)
         _handlers.append(handler)
@@ -424,28 +668,66 @@ def on_memory_pressure(handler: Callable[[Any, int, int], bool]) -> Callable[[An
 
 
 def explain(ctx: Any, vram: int | str | None = None) -> str:
-    """Say whether a request of ``vram`` in ``ctx`` would be admitted now, wait, or be rejected, and why."""
+    """Say whether a request for memory in a context would be admitted now, wait, or be rejected, and why.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+        vram: the bytes requested (an int or a string like `"4GB"`). Default `None`: the
+            context's known size.
+
+    Returns:
+        One line that starts with `"admitted now"`, `"admitted after evicting ..."`, `"waits"`
+            or `"rejected"`, with the numbers.
+    """
     return scheduler().explain(_ctx_name(ctx), vram)
 
 
 def admit(ctx: Any, vram: int | str | None = None) -> bool:
-    """True when a request of ``vram`` in ``ctx`` would start now (see :func:`explain`)."""
+    """Whether a request for memory in a context would be admitted now (see [`explain`][gpuctx.explain]).
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+        vram: the bytes requested (an int or a string like `"4GB"`). Default `None`: the
+            context's known size.
+
+    Returns:
+        `True` when it would be admitted now, or after evicting idle models.
+    """
     return explain(ctx, vram).startswith("admitted")
 
 
 # --------------------------------------------------------------------------- streams
 def get_stream(ctx: Any) -> Any:
-    """The CUDA stream of a context (torch.cuda.Stream), or None on CPU."""
+    """The CUDA stream of a context.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+
+    Returns:
+        Its `torch.cuda.Stream` (made on first use), or `None` on the CPU.
+    """
     return scheduler().device.get_stream(_ctx_name(ctx))
 
 
 def record_event(ctx: Any) -> Any:
-    """Record an event on the context's stream (None on CPU)."""
+    """Record an event on a context's stream.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+
+    Returns:
+        The CUDA event, for [`wait_event`][gpuctx.wait_event]; `None` on the CPU.
+    """
     return scheduler().device.record_event(_ctx_name(ctx))
 
 
 def wait_event(ctx: Any, event: Any) -> None:
-    """Make the context's stream wait for ``event`` (no host sync)."""
+    """Make a context's stream wait for an event, without blocking the host.
+
+    Args:
+        ctx: a context from [`create_context`][gpuctx.create_context], or a model or context name.
+        event: an event from [`record_event`][gpuctx.record_event].
+    """
     scheduler().device.wait_event(_ctx_name(ctx), event)
 
 
@@ -462,7 +744,15 @@ def status() -> "_status.Status":
 
 
 def timeline(**kwargs: Any) -> Any:
-    """A matplotlib figure: tasks per context over time, loads/evictions, VRAM stacked per model."""
+    """Draw the trace as a matplotlib figure: tasks per context over time, loads and evictions, VRAM per model.
+
+    Args:
+        **kwargs: passed on to the drawing: `ax` (a matplotlib Axes for the task rows, or a pair
+            `(tasks_ax, vram_ax)`; default: a new figure) and `title` (the task panel's title).
+
+    Returns:
+        The matplotlib Figure.
+    """
     from .trace import timeline as _timeline
 
     s = scheduler()
@@ -470,7 +760,11 @@ def timeline(**kwargs: Any) -> Any:
 
 
 def export_trace(path: str) -> None:
-    """Write the trace as Chrome trace-event JSON (open in ui.perfetto.dev or chrome://tracing)."""
+    """Write the trace as Chrome trace-event JSON (open it in ui.perfetto.dev or chrome://tracing).
+
+    Args:
+        path: the file to write.
+    """
     from .trace import export_chrome
 
     export_chrome(scheduler().trace, path)

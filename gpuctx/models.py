@@ -1,6 +1,6 @@
 """Models and execution contexts as the scheduler keeps them.
 
-A :class:`Slot` is one named execution context: at most one model object, a VRAM
+A `Slot` is one named execution context: at most one model object, a VRAM
 size, a QoS tier with its reservation, a queue of ready tasks, and its own worker and
 stream. ``@gpuctx.model`` fills a slot's loader; ``create_context`` sets its QoS; a
 ``@gpu_task(model=...)`` naming a slot nobody registered makes a *label*: no loader,
@@ -27,7 +27,17 @@ _QUEUED = TaskState.QUEUED   # a module constant: the Enum class lookup costs ~7
 
 
 class QoS:
-    """QoS tiers of an execution context (PyGPUkit's names)."""
+    """QoS tiers of an execution context (PyGPUkit's names), for [`create_context`][gpuctx.create_context].
+
+    `GUARANTEED` reserves the context's `max_vram` when it is created; `BURSTABLE` reserves its
+    `base_vram` and may use more while there is room; `BEST_EFFORT` reserves nothing. When memory
+    is needed, idle models of the lowest tier are evicted first.
+
+    Attributes:
+        BEST_EFFORT: tier `0`.
+        BURSTABLE: tier `1`, the default.
+        GUARANTEED: tier `2`.
+    """
 
     BEST_EFFORT = policy.BEST_EFFORT
     BURSTABLE = policy.BURSTABLE
@@ -36,7 +46,18 @@ class QoS:
 
     @classmethod
     def parse(cls, value: object) -> int:
-        """Accept a tier constant or its name (any case); ConfigError otherwise."""
+        """The tier that `value` names.
+
+        Args:
+            value: a tier constant (`QoS.GUARANTEED`) or its name in any case (`"guaranteed"`,
+                `"best-effort"`).
+
+        Returns:
+            The tier constant.
+
+        Raises:
+            ConfigError: `value` names no tier.
+        """
         if isinstance(value, int) and not isinstance(value, bool) and value in cls._NAMES:
             return value
         if isinstance(value, str):
@@ -48,7 +69,14 @@ class QoS:
 
     @classmethod
     def name(cls, tier: int) -> str:
-        """The tier's name."""
+        """The name of a tier.
+
+        Args:
+            tier: a tier constant.
+
+        Returns:
+            Its name, such as `"GUARANTEED"`.
+        """
         return cls._NAMES[tier]
 
 

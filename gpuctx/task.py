@@ -1,8 +1,8 @@
 """Task: the handle a ``@gpu_task`` call returns.
 
-A :class:`Task` is a :class:`concurrent.futures.Future` (so ``concurrent.futures.wait``,
+A `Task` is a `concurrent.futures.Future` (so ``concurrent.futures.wait``,
 ``as_completed`` and ``asyncio.wrap_future`` work) that can also be awaited directly.
-Its :attr:`state` tells more than a future's: whether it still waits for dependencies,
+Its `state` tells more than a future's: whether it still waits for dependencies,
 sits in its model's queue, or runs. Every state change is made by the scheduler under
 its lock; the future part is resolved right after, outside that lock, so user callbacks
 never run while the scheduler is mid-change.
@@ -41,7 +41,11 @@ class TaskOwner(Protocol):
 
 
 class TaskState(str, Enum):
-    """Where a task is in its life; the last three are terminal."""
+    """Where a task is in its life; the last three (`DONE`, `FAILED`, `CANCELLED`) are terminal.
+
+    `WAITING`: for its dependencies. `QUEUED`: ready, in its model's queue. `RUNNING`: its body
+    (or graph replay) runs. A `str` enum: `TaskState.DONE == "done"`.
+    """
 
     WAITING = "waiting"      # for dependencies
     QUEUED = "queued"        # ready, in its model's queue
@@ -88,7 +92,24 @@ _LAZY_FUTURE = GIL and _FUTURE_FIELDS == {"_condition", "_state", "_result", "_e
 
 
 class Task(Future):
-    """A scheduled call. ``result()``, ``await task``, ``cancel()``; ``state``, ``wait_time``, ``run_time``."""
+    """A scheduled call, returned at once by calling a `@gpu_task` function.
+
+    A `concurrent.futures.Future` (so `concurrent.futures.wait`, `as_completed` and
+    `asyncio.wrap_future` work) that can also be awaited: `task.result()`, `await task`,
+    `task.cancel()`. Made by the scheduler, not by user code.
+
+    Attributes:
+        id: a number unique in its scheduler, counted from 1.
+        name: the task's name (the function's, unless `name=` was given).
+        model: the model or context it runs in.
+        priority: its priority; higher runs first.
+        state: where it is in its life, a [`TaskState`][gpuctx.TaskState].
+        submitted_at: when it was submitted, in seconds on the scheduler's clock.
+        started_at: when its body started (`None` before).
+        ended_at: when it ended (`None` before).
+        device: where it runs: `"cpu"` when routed to the CPU pool, else the device's name
+            (such as `"cuda:0"`).
+    """
 
     # The future's own fields. Most tasks are resolved before anyone waits on them or adds a
     # callback; those never need the condition (a lock, its bound methods and a deque) nor the
@@ -167,7 +188,21 @@ class Task(Future):
 
     # -- waiting ----------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
-        """The task's return value; on a GPU, only once its stream has finished the work."""
+        """The task's return value; on a GPU, only once its stream has finished the work.
+
+        Args:
+            timeout: seconds to wait at most. Default `None`: no limit.
+
+        Returns:
+            What the function returned.
+
+        Raises:
+            TimeoutError: the task did not end within `timeout`.
+            concurrent.futures.CancelledError: the task was cancelled.
+            WaitDeadlock: called in a task body or session that holds the model this task
+                needs while it has not started, so the wait could never end.
+            Exception: what the function raised, or why the task failed.
+        """
         if self._state == _FINISHED and self._exception is None:
             value = self._result   # finished: no need to make (and take) the condition
         else:
@@ -185,7 +220,19 @@ class Task(Future):
         return self.result()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The task's error (None if it succeeded), waiting up to ``timeout`` seconds."""
+        """The task's error, once it has ended.
+
+        Args:
+            timeout: seconds to wait at most. Default `None`: no limit.
+
+        Returns:
+            The exception that made the task fail; `None` if it succeeded.
+
+        Raises:
+            TimeoutError: the task did not end within `timeout`.
+            concurrent.futures.CancelledError: the task was cancelled.
+            WaitDeadlock: as for `result`.
+        """
         if self._owner is not None and self._state not in _DONE_STATES:
             self._owner.before_wait(self)
         return super().exception(timeout)
@@ -195,7 +242,11 @@ class Task(Future):
         return self.state is TaskState.RUNNING
 
     def cancel(self) -> bool:
-        """Withdraw the task if it has not started; its dependents fail with DependencyError."""
+        """Withdraw the task if it has not started; its dependents fail with `DependencyError`.
+
+        Returns:
+            `True` when the task is cancelled now.
+        """
         if self._owner is not None:
             return self._owner.cancel_task(self)
         return super().cancel()

@@ -75,15 +75,13 @@ def _public_docs():
             yield name, inspect.getdoc(obj) or ""
 
 
-@pytest.mark.xfail(strict=True, reason="needs engine: docstrings in gpuctx/api.py, task.py, models.py, "
-                                       "scheduler.py still use :class:/:func: roles")
 def test_no_public_docstring_shows_a_raw_role():
     bad = [name for name, doc in _public_docs() if ROLE.search(doc)]
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=True, reason="needs engine: gpuctx/api.py docstrings need Google 'Args:' sections "
-                                       "for mkdocstrings' parameter tables")
+@pytest.mark.xfail(strict=True, reason="needs owner of gpuctx/__init__.py: load_ipython_extension and "
+                                       "unload_ipython_extension need Google 'Args:' sections")
 def test_every_public_function_with_parameters_has_an_args_section():
     bad = []
     for name, doc in _public_docs():

@@ -25,7 +25,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Session:
-    """``with``/``async with`` body that runs as a task of ``model``: the model resident, its stream current."""
+    """A `with`/`async with` body that runs as a task of `model`: the model resident, its stream current.
+
+    Made by `gpuctx.context_session`; nothing is requested until it is entered (or `request`
+    is called). Entering waits for the turn and gives the loaded model object; leaving ends
+    the holding task, so the model's queue goes on.
+    """
 
     def __init__(self, sched: Scheduler, model: str, *, vram: Any, priority: int, after: Any, name: str | None) -> None:
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -48,16 +53,26 @@ class Session:
         self.task: Task | None = None
 
     def request(self) -> Task:
-        """Ask for the model's turn now (entering does it too); the holding Task."""
+        """Ask for the model's turn now (entering does it too); asking again does nothing.
+
+        Returns:
+            The holding `Task`, which runs while the session holds the turn.
+        """
         if self.task is None:
             self.task = self._sched.submit(self._spec, (), {})
             self.task.add_done_callback(self._on_task_done)
         return self.task
 
     def wait_granted(self, timeout: float | None = None) -> bool:
-        """Request, then wait up to ``timeout`` seconds for the turn; False if it has not come yet.
+        """Request, then wait for the turn.
 
         The request's failure (a load error, a failed dependency) is raised when entering.
+
+        Args:
+            timeout: seconds to wait at most. Default `None`: no limit.
+
+        Returns:
+            `True` once the turn has come (or the request failed); `False` if it has not come yet.
         """
         self.request()
         try:

@@ -17,7 +17,7 @@ from ..units import parse_size
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class Config:
-    """Scheduler settings; see :func:`gpuctx.configure` for what each means."""
+    """Scheduler settings; see `gpuctx.configure` for what each means."""
 
     budget: int | None = None
     safety_factor: float = 0.9
