@@ -83,14 +83,22 @@ __all__ = [
 
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
-    """``%load_ext gpuctx``: register the magics and attach the scheduler to the shell."""
+    """`%load_ext gpuctx`: register the magics and attach the scheduler to the shell.
+
+    Args:
+        ipython: the IPython shell loading the extension (IPython passes it).
+    """
     from .magics import load_ipython_extension as _load
 
     _load(ipython)
 
 
 def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
-    """``%unload_ext gpuctx``: remove the magics, shut the scheduler down, release models."""
+    """`%unload_ext gpuctx`: remove the magics, shut the scheduler down, release models.
+
+    Args:
+        ipython: the IPython shell unloading the extension (IPython passes it).
+    """
     from .magics import unload_ipython_extension as _unload
 
     _unload(ipython)
