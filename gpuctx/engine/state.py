@@ -38,6 +38,7 @@ from ..task import Task, TaskState
 # hot path does it several times per task.
 _WAITING, _QUEUED, _RUNNING = TaskState.WAITING, TaskState.QUEUED, TaskState.RUNNING
 _DONE, _FAILED, _CANCELLED = TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED
+_TERMINAL = frozenset((_DONE, _FAILED, _CANCELLED))
 
 _SLOT_MOVES = {
     policy.LOADING: (policy.ABSENT, policy.OFFLOADED),
@@ -138,7 +139,7 @@ class _Transitions:
         """What every end does: the terminal state and time, out of the live set, into the trace;
         the future is resolved (``kind``, ``value``) once the lock is released."""
         old = task.state
-        if old.terminal or (state is _CANCELLED if old is _RUNNING else state is _DONE):
+        if old in _TERMINAL or (state is _CANCELLED if old is _RUNNING else state is _DONE):
             raise _illegal(_task_what(task), old, state)
         task.state = state
         task.ended_at = self._clock()
@@ -227,7 +228,10 @@ def _resolve(items: list) -> None:
     pending: BaseException | None = None
     for task, kind, value in items:
         try:
-            _deliver(task, kind, value)
+            if kind == "result":   # the common case, without the call
+                task._set_result(value)
+            else:
+                _deliver(task, kind, value)
         except InvalidStateError:
             continue   # resolved already (and its watchers told) by whoever did it
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rest
