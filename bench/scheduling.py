@@ -34,7 +34,7 @@ from baselines import GB, Run, baselines, run_body  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
 
-def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock) -> dict:
+def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0) -> dict:
     gpuctx.reset()
     gpuctx.configure(device="cpu", budget=int(budget_gb * GB), safety_factor=1.0,
                      max_wait=30.0 * scale, aging=10.0 * scale)
@@ -57,15 +57,20 @@ def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock) -> dict:
             time.sleep(delay)
         fn = fns[j.model] if j.priority == 0 else fns[j.model].options(priority=j.priority)
         tasks[j.id] = fn(j.id, *(tasks[d] for d in j.deps))
-    gpuctx.wait(list(tasks.values()))
-    failed = {i for i, t in tasks.items() if t.exception() is not None}
-    st = gpuctx.stats()
-    events = gpuctx.scheduler().trace.events
+    _, pending = gpuctx.wait(list(tasks.values()), timeout=timeout)
+    failed = {i for i, t in tasks.items() if t not in pending and t.exception() is not None}
+    sched = gpuctx.scheduler()
+    gpuctx.shutdown(wait=not pending, cancel_pending=bool(pending))   # read the trace once it is still
+    for _ in range(20):          # a spinning engine (see docs) can still be recording: retry the copy
+        try:
+            st, events = sched.trace.stats.as_dict(), sched.trace.events
+            break
+        except RuntimeError:
+            time.sleep(0.01)
     budget = int(budget_gb * GB)
     loads = sum(m["loads"] + m["restores"] for m in st["models"].values())
-    out = dict(loads=loads, failed=len(failed), peak=st["peak_vram"],
+    out = dict(loads=loads, failed=len(failed), peak=st["peak_vram"], unfinished=len(pending),
                violations=sum(1 for e in events if e.vram is not None and e.vram > budget))
-    gpuctx.shutdown()
     return {**out, **latency(wl, t0, scale, start, end)}
 
 
@@ -76,7 +81,7 @@ def run_baseline(policy, wl, budget_gb: float, *, scale: float, body_lock) -> di
         for s in r.slots.values():
             s.closed = True
         r.cv.notify_all()
-    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations,
+    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0,
                 **latency(wl, r.t0, scale, r.start, r.end))
 
 
@@ -114,7 +119,7 @@ def rng(vals: list, fmt: str) -> str:
 
 
 COLS = [("loads", "d"), ("makespan", ".0f"), ("p50", ".0f"), ("p95", ".0f"), ("ip95", ".0f"), ("max_wait", ".0f"),
-        ("violations", "d"), ("failed", "d")]
+        ("violations", "d"), ("failed", "d"), ("unfinished", "d")]
 
 
 def main() -> None:
@@ -125,6 +130,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated words; run the workloads whose title has one")
     ap.add_argument("--budgets", default="tight,medium,loose")
     ap.add_argument("--modes", default="concurrent,serial")
+    ap.add_argument("--timeout", type=float, default=20.0,
+                    help="real seconds a gpuctx run may take; what is left is counted as unfinished")
     a = ap.parse_args()
     repeat = a.repeat or (1 if a.quick else 5)
     wls = [w for w in all_workloads(a.quick) if not a.only or any(k in w.title for k in a.only.split(","))]
@@ -147,7 +154,7 @@ def main() -> None:
                     for _ in range(repeat):
                         lock = threading.Lock() if mode == "serial" else None
                         if name == "gpuctx":
-                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock))
+                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout))
                         else:
                             pol = next(p for p in baselines() if p.name == name)
                             rows.append(run_baseline(pol, wl, gb, scale=a.scale, body_lock=lock))
