@@ -1,44 +1,166 @@
-"""Scheduling quality on standard traces, simulated with the real policy (gpuctx.sim).
+"""Scheduling under a budget, live: gpuctx against the seed's policy and its peers.
 
-    python bench/scheduling.py
+    python bench/scheduling.py            # every workload x budget x mode, 5 repeats
+    python bench/scheduling.py --quick    # smaller workloads, 1 repeat (~1-2 min)
+    python bench/scheduling.py --repeat 3 --scale 0.005 --only video,chat
 
-Loads, model switches, makespan and p95 wait for gpuctx against FIFO+LRU (model
-multiplexing with an LRU cache), Ollama-style keep-alive ordering and the lower bound
-(each model loaded once), for budgets from tight to loose, all in one run.
+Everything is live: real threads and real time. Loaders and task bodies sleep for the
+workload's times multiplied by ``--scale`` (default 0.005: 1 GB loads in 5 ms). gpuctx runs
+on its CPU device with the declared budget and safety_factor=1.0; the baselines
+(bench/baselines.py) run on a common harness in the same process and run, on the same
+workloads (bench/workloads.py). Mode "serial" puts one global lock around every task body,
+for every system: the GPU runs one call at a time.
+
+One gpuctx configuration for every workload: its defaults, with ``max_wait`` (30 s) and
+``aging`` (10 s) multiplied by the same scale as every other time.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
 import platform
+import statistics
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
-from gpuctx.sim import chat_traffic, lower_bound_loads, random_dag, simulate, video_pipeline  # noqa: E402
-from gpuctx.units import GB  # noqa: E402
+import gpuctx  # noqa: E402
+from baselines import GB, Run, baselines, run_body  # noqa: E402
+from workloads import all_workloads  # noqa: E402
 
-TRACES = {
-    "video pipeline (20 clips)": (video_pipeline(20), (6, 8, 10, 14, 20)),
-    "chat traffic (ASR/LLM/TTS, 150 calls)": (chat_traffic(150), (6, 8, 11, 14)),
-    "random DAG (200 tasks, 6 models)": (random_dag(200), (4, 6, 10, 16)),
-}
+
+def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0) -> dict:
+    gpuctx.reset()
+    gpuctx.configure(device="cpu", budget=int(budget_gb * GB), safety_factor=1.0,
+                     max_wait=30.0 * scale, aging=10.0 * scale)
+    for m in wl.models:
+        gpuctx.model(m.name, vram=int(m.gb * GB))(lambda s=m.load_s * scale: time.sleep(s) or object())
+    start: dict = {}
+    end: dict = {}
+    jobs = {j.id: j for j in wl.jobs}
+
+    def body(job_id, *deps):
+        run_body(jobs[job_id], scale, body_lock, start, end)
+        return job_id
+
+    fns = {m.name: gpuctx.gpu_task(model=m.name, name=f"call_{m.name}")(body) for m in wl.models}
+    tasks: dict = {}
+    t0 = time.perf_counter()
+    for j in wl.jobs:
+        delay = t0 + j.arrival * scale - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        fn = fns[j.model] if j.priority == 0 else fns[j.model].options(priority=j.priority)
+        tasks[j.id] = fn(j.id, *(tasks[d] for d in j.deps))
+    _, pending = gpuctx.wait(list(tasks.values()), timeout=timeout)
+    failed = {i for i, t in tasks.items() if t not in pending and t.exception() is not None}
+    sched = gpuctx.scheduler()
+    gpuctx.shutdown(wait=not pending, cancel_pending=bool(pending))   # read the trace once it is still
+    for _ in range(20):          # a spinning engine (see docs) can still be recording: retry the copy
+        try:
+            st, events = sched.trace.stats.as_dict(), sched.trace.events
+            break
+        except RuntimeError:
+            time.sleep(0.01)
+    budget = int(budget_gb * GB)
+    loads = sum(m["loads"] + m["restores"] for m in st["models"].values())
+    out = dict(loads=loads, failed=len(failed), peak=st["peak_vram"], unfinished=len(pending),
+               violations=sum(1 for e in events if e.vram is not None and e.vram > budget))
+    return {**out, **latency(wl, t0, scale, start, end)}
+
+
+def run_baseline(policy, wl, budget_gb: float, *, scale: float, body_lock) -> dict:
+    r = Run(wl, budget_gb, policy, scale=scale, body_lock=body_lock)
+    r.go()
+    with r.cv:
+        for s in r.slots.values():
+            s.closed = True
+        r.cv.notify_all()
+    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0,
+                **latency(wl, r.t0, scale, r.start, r.end))
+
+
+def latency(wl, t0: float, scale: float, start: dict, end: dict) -> dict:
+    """Makespan, end-to-end latency from arrival (p50, p95, interactive p95) and the longest
+    wait from ready (arrival and every dependency done) to start, in unscaled seconds."""
+    lat, inter, waits = [], [], []
+    for j in wl.jobs:
+        if j.id not in end:
+            continue
+        arrive = t0 + j.arrival * scale
+        ready = max([arrive] + [end[d] for d in j.deps if d in end])
+        lat.append((end[j.id] - arrive) / scale)
+        waits.append((start[j.id] - ready) / scale)
+        if j.cls == "interactive":
+            inter.append(lat[-1])
+    return dict(makespan=(max(end.values(), default=t0) - t0) / scale, p50=pct(lat, 0.5), p95=pct(lat, 0.95),
+                ip95=pct(inter, 0.95) if inter else None, max_wait=max(waits, default=0.0))
+
+
+def pct(xs: list, q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def rng(vals: list, fmt: str) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    lo, hi = min(vals), max(vals)
+    a, b = format(lo, fmt), format(hi, fmt)
+    return a if a == b else f"{a}–{b}"
+
+
+COLS = [("loads", "d"), ("makespan", ".0f"), ("p50", ".0f"), ("p95", ".0f"), ("ip95", ".0f"), ("max_wait", ".0f"),
+        ("violations", "d"), ("failed", "d"), ("unfinished", "d")]
 
 
 def main() -> None:
-    print(f"# scheduling quality (sim) — {platform.machine()}, Python {platform.python_version()}")
-    for title, ((models, tasks), budgets) in TRACES.items():
-        print(f"\n## {title}; lower bound: {lower_bound_loads(tasks)} loads\n")
-        print("| budget | strategy | loads | switches | makespan s | p95 wait s | loads vs fifo_lru |")
-        print("|---:|---|---:|---:|---:|---:|---:|")
-        for b in budgets:
-            if max(m.size for m in models) > b * GB:
-                continue
-            rows = {s: simulate(models, tasks, b * GB, strategy=s) for s in ("gpuctx", "fifo_lru", "ollama")}
-            base = rows["fifo_lru"].loads
-            for s, r in rows.items():
-                print(f"| {b} GB | {s} | {r.loads} | {r.switches} | {r.makespan:.1f} | {r.p95_wait:.2f} | "
-                      f"{r.loads / base:.2f} |")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller workloads, 1 repeat")
+    ap.add_argument("--repeat", type=int, default=None, help="repeats per cell (default 5; 1 with --quick)")
+    ap.add_argument("--scale", type=float, default=0.005, help="real seconds per workload second")
+    ap.add_argument("--only", default="", help="comma-separated words; run the workloads whose title has one")
+    ap.add_argument("--budgets", default="tight,medium,loose")
+    ap.add_argument("--modes", default="concurrent,serial")
+    ap.add_argument("--timeout", type=float, default=20.0,
+                    help="real seconds a gpuctx run may take; what is left is counted as unfinished")
+    a = ap.parse_args()
+    repeat = a.repeat or (1 if a.quick else 5)
+    wls = [w for w in all_workloads(a.quick) if not a.only or any(k in w.title for k in a.only.split(","))]
+    systems = ["gpuctx"] + [p.name for p in baselines()]
+    print(f"# Scheduling under a budget (live) — {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {datetime.date.today()}")
+    print(f"\nscale {a.scale:g} s per workload second, {repeat} repeat(s); times below in workload seconds; "
+          f"ranges are min–max over the repeats.")
+    t_start = time.perf_counter()
+    for wl in wls:
+        for budget in a.budgets.split(","):
+            gb = wl.budgets[budget]
+            for mode in a.modes.split(","):
+                print(f"\n### {wl.title} — {budget} budget {gb:g} GB, {mode}; lower bound {wl.lower_bound_loads()} "
+                      "loads\n")
+                print("| system | " + " | ".join(c if c != "ip95" else "interactive p95" for c, _ in COLS) + " |")
+                print("|---|" + "---:|" * len(COLS))
+                for name in systems:
+                    rows = []
+                    for _ in range(repeat):
+                        lock = threading.Lock() if mode == "serial" else None
+                        if name == "gpuctx":
+                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout))
+                        else:
+                            pol = next(p for p in baselines() if p.name == name)
+                            rows.append(run_baseline(pol, wl, gb, scale=a.scale, body_lock=lock))
+                    cells = [rng([r[c] for r in rows], f) for c, f in COLS]
+                    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n(wall time {time.perf_counter() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":
