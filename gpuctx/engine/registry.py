@@ -95,11 +95,17 @@ class _Registry:
         """BudgetError now when ``size`` can never fit, with the numbers: the budget less other
         contexts' reservations and (with ``pinned``, for work submitted now) the memory of
         resident pinned models, which are never evicted."""
-        others = self._others_reserved_locked(s.name)
-        pinned = {o.name: self._ledger.charge(o.name) for o in self._slots.values()
-                  if pinned and o.pin and o is not s and o.state in (policy.RESIDENT, policy.LOADING)}
-        held = others + sum(max(0, v - self._ledger.reserved.get(k, 0)) for k, v in pinned.items())
+        reserved = self._ledger.reserved
+        others = sum(v for k, v in reserved.items() if k != s.name) if reserved else 0
+        held = others
+        if pinned:
+            pinned = {}
+            for o in self._slots.values():
+                if o.pin and o is not s and (o.state == policy.RESIDENT or o.state == policy.LOADING):
+                    pinned[o.name] = self._ledger.charge(o.name)
+                    held += max(0, pinned[o.name] - reserved.get(o.name, 0))
         if not policy.fits_ever(size, s.name, s.base, self.budget, held):
+            pinned = pinned or {}
             pins = "".join(f", pinned {k!r} holds {format_size(v)}" for k, v in pinned.items() if v)
             raise BudgetError(
                 f"{what} needs {format_size(size)} but can never fit: budget {format_size(self.budget)} "
