@@ -143,6 +143,8 @@ class SlotView:
     #                                     the value it had when its group started
     started: float | None = None  # when its running group started (None when idle)
     next_use: float | None = None  # estimated distance to its next use (None: from queued/pending)
+    keep_alive: float | None = None  # seconds it may stay idle before it is unloaded (None: forever)
+    label: bool = False          # no loader: its VRAM is held only while its tasks run
 
     @property
     def resident(self) -> bool:
@@ -370,3 +372,55 @@ def order_victims_for_oom(slots: Sequence[SlotView], keep: str) -> tuple[str, ..
         for s in sorted(slots, key=_victim_key)
         if s.state == RESIDENT and not s.busy and not s.pinned and s.qos != GUARANTEED and s.name != keep and s.used > 0
     )
+
+
+# --------------------------------------------------------------------------- the engine's other decisions
+_TIER_NAMES = {BEST_EFFORT: "best_effort", BURSTABLE: "burstable", GUARANTEED: "guaranteed"}
+
+
+def victim_reason(s: SlotView) -> str:
+    """Why ``s`` is evicted, in the terms of the eviction order (tier, next use, priority, idle)."""
+    work = "no queued work" if _next_use(s) == float("inf") else "has queued work"
+    return f"{work}, {_TIER_NAMES[s.qos]}, priority {s.priority}, idle"
+
+
+def keep_alive_due(slots: Iterable[SlotView], now: float) -> tuple[tuple[str, ...], float | None]:
+    """(models idle past their ``keep_alive`` now, the next time one will be), over resident,
+    idle, unpinned, loaded models with nothing queued."""
+    due, next_at = [], None
+    for s in slots:
+        if (s.keep_alive is None or s.pinned or s.busy or s.state != RESIDENT or s.label
+                or s.queued or s.pending):
+            continue
+        at = s.last_used + s.keep_alive
+        if at <= now:
+            due.append(s.name)
+        else:
+            next_at = at if next_at is None else min(next_at, at)
+    return tuple(due), next_at
+
+
+def evictable_now(slots: Iterable[SlotView]) -> tuple[str, ...]:
+    """What ``gpuctx.evict()`` with no name evicts: every resident, idle, unpinned loaded model."""
+    return tuple(s.name for s in slots if s.state == RESIDENT and not s.busy and not s.pinned and not s.label)
+
+
+def batch_window(priority: int, batch_wait: float, params: PolicyParams) -> float:
+    """Seconds a batch waits to fill: ``batch_wait``, or none for latency-critical work."""
+    return 0.0 if priority >= params.latency_priority else batch_wait
+
+
+def on_full_queue(overflow: str, block: bool, can_drop: bool) -> str:
+    """What a submit to a full queue does: ``"drop_oldest"`` (fail the oldest queued task),
+    ``"block"`` (wait for room) or ``"reject"`` (raise Overloaded now)."""
+    if overflow == "drop_oldest" and can_drop:
+        return "drop_oldest"
+    if overflow == "block" and block:
+        return "block"
+    return "reject"
+
+
+def auto_size_claim(snapshot: Snapshot, name: str) -> int:
+    """Bytes a first load of a ``vram="auto"`` model may take before it is measured: all that is free."""
+    claim = next((s.claim for s in snapshot.slots if s.name == name), 0)
+    return max(0, free_bytes(snapshot) + claim)

@@ -386,3 +386,29 @@ def test_slot_queue_promotes_an_overdue_task_over_higher_priorities():
         got.append(slot.pop_head())
         t.state = TaskState.RUNNING
     assert [t.priority for t in got] == [5, 5, 5] and low not in got and not slot._heap and not slot._gone
+
+
+# ----------------------------------------------------------------------------- the engine's other decisions, pure
+def test_keep_alive_expiry_is_a_pure_decision():
+    from gpuctx.policy import keep_alive_due
+    views = [SlotView("old", 1, state=RESIDENT, last_used=0.0, keep_alive=5.0),
+             SlotView("young", 1, state=RESIDENT, last_used=8.0, keep_alive=5.0),
+             SlotView("pinned", 1, state=RESIDENT, pinned=True, keep_alive=1.0),
+             SlotView("waits", 1, state=RESIDENT, pending=1, keep_alive=1.0),
+             SlotView("forever", 1, state=RESIDENT, keep_alive=None)]
+    assert keep_alive_due(views, now=10.0) == (("old",), 13.0)
+
+
+def test_overflow_batch_window_evict_all_and_victim_reasons_are_pure_decisions():
+    from gpuctx.policy import batch_window, evictable_now, on_full_queue, victim_reason
+    assert on_full_queue("drop_oldest", True, can_drop=True) == "drop_oldest"
+    assert on_full_queue("drop_oldest", True, can_drop=False) == "reject"   # only waiting tasks fill it
+    assert on_full_queue("block", True, can_drop=True) == "block"
+    assert on_full_queue("block", False, can_drop=True) == "reject"          # try_submit never waits
+    assert batch_window(0, 0.5, PolicyParams(latency_priority=10)) == 0.5
+    assert batch_window(10, 0.5, PolicyParams(latency_priority=10)) == 0.0
+    views = [SlotView("a", 1, state=RESIDENT), SlotView("b", 1, state=RESIDENT, busy=True),
+             SlotView("c", 1, state=RESIDENT, pinned=True), SlotView("l", 1, state=RESIDENT, label=True)]
+    assert evictable_now(views) == ("a",)
+    assert victim_reason(SlotView("a", 1, state=RESIDENT)) == "no queued work, burstable, priority 0, idle"
+    assert victim_reason(SlotView("a", 1, state=RESIDENT, queued=2, priority=3)).startswith("has queued work")

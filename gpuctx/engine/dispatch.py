@@ -11,7 +11,7 @@ import weakref
 from typing import Any
 
 from .. import policy
-from ..models import QoS, Slot
+from ..models import Slot
 from .group import _GROUP, _worker_main
 
 
@@ -41,6 +41,7 @@ class _Dispatch:
                 load_cost=s.load_cost, queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
+                keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
 
@@ -52,12 +53,14 @@ class _Dispatch:
                 break
         else:
             return   # every slot with work is running it already
-        for start in policy.plan(self._snapshot_locked()):
+        snap = self._snapshot_locked()
+        views = {v.name: v for v in snap.slots}
+        for start in policy.plan(snap):
             slot = self._slots[start.slot]
             slot.busy = True
             for v in start.evict:
                 victim = self._slots[v]
-                self._mark_evicting_locked(victim, f"room for {start.slot!r}: {_victim_reason(victim)}")
+                self._mark_evicting_locked(victim, f"room for {start.slot!r}: {policy.victim_reason(views[v])}")
             if start.need:
                 self._ledger.claims[start.slot] = start.need
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
@@ -76,8 +79,3 @@ class _Dispatch:
             if s.queued and not s.busy and s is not slot:
                 return True
         return False
-
-
-def _victim_reason(s: Slot) -> str:
-    work = "has queued work" if (s.queued or s.pending) else "no queued work"
-    return f"{work}, {QoS.name(s.qos).lower()}, priority {s.priority}, idle"

@@ -114,8 +114,9 @@ class _Groups:
         if spec.batch_size <= 1:
             return [slot.pop_head()]
         # Dynamic batching: wait up to batch_wait for the batch to fill, unless latency-critical.
-        if spec.batch_wait > 0 and head.priority < self.config.latency_priority:
-            deadline = self._clock() + spec.batch_wait
+        window = policy.batch_window(head.priority, spec.batch_wait, self.params())
+        if window > 0:
+            deadline = self._clock() + window
             while self._count_matching(slot, head._batch_key) < spec.batch_size and not self._closed:
                 left = deadline - self._clock()
                 if left <= 0:

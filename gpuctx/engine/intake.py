@@ -204,16 +204,14 @@ class _Intake:
             return slot.queued + slot.pending >= slot.max_queue
         if not full():
             return
-        policy_name = slot.overflow
-        if policy_name == "drop_oldest":
-            victim = slot.oldest_queued()
-            if victim is not None:
-                self._fail_locked(victim, Overloaded(
-                    f"{victim.name} (Task #{victim.id}): dropped from {slot.name!r}'s full queue "
-                    f"(max_queue={slot.max_queue}, overflow='drop_oldest') for newer work"), to_resolve)
-                return
-            policy_name = "reject"  # only tasks waiting for dependencies fill it: nothing to drop
-        if policy_name == "block" and block:
+        victim = slot.oldest_queued() if slot.overflow == "drop_oldest" else None
+        action = policy.on_full_queue(slot.overflow, block, can_drop=victim is not None)
+        if action == "drop_oldest":
+            self._fail_locked(victim, Overloaded(
+                f"{victim.name} (Task #{victim.id}): dropped from {slot.name!r}'s full queue "
+                f"(max_queue={slot.max_queue}, overflow='drop_oldest') for newer work"), to_resolve)
+            return
+        if action == "block":
             deadline = None if timeout is None else self._clock() + timeout
             while full() and not self._closed:
                 left = None if deadline is None else deadline - self._clock()

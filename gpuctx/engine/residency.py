@@ -27,7 +27,7 @@ class _Residency:
                 return True
             size = slot.size
             if slot.size_source == "auto" and slot.loads == 0:
-                size = max(0, policy.free_bytes(self._snapshot_locked()) + self._ledger.claims.get(slot.name, 0))
+                size = policy.auto_size_claim(self._snapshot_locked(), slot.name)
             while not self._ledger.can_activate(slot.name, size):
                 if self._closed:
                     return False
@@ -177,7 +177,7 @@ class _Residency:
                     return []
                 targets = [s]
             else:
-                targets = [s for s in self._slots.values() if s.state == policy.RESIDENT and not s.busy and not s.pin and not s.is_label]
+                targets = [self._slots[n] for n in policy.evictable_now(self._snapshot_locked().slots)]
             for s in targets:
                 self._mark_evicting_locked(s, reason)
         for s in targets:
@@ -190,18 +190,13 @@ class _Residency:
             with self._cond:
                 if self._closed:
                     return
-                now = self._clock()
-                due, next_at = [], None
-                for s in self._slots.values():
+                snap = self._snapshot_locked()
+                now = snap.now
+                names, next_at = policy.keep_alive_due(snap.slots, now)
+                due = [self._slots[n] for n in names]
+                for s in due:
                     ka = s.keep_alive if s.keep_alive is not None else self.config.keep_alive
-                    if ka is None or s.pin or s.busy or s.state != policy.RESIDENT or s.is_label or s.queued:
-                        continue
-                    at = s.last_used + ka
-                    if at <= now:
-                        self._mark_evicting_locked(s, f"idle for {ka:g} s (keep_alive)")
-                        due.append(s)
-                    else:
-                        next_at = at if next_at is None else min(next_at, at)
+                    self._mark_evicting_locked(s, f"idle for {ka:g} s (keep_alive)")
             for s in due:
                 self._evict_marked(s, "idle past keep_alive")
             if not due:
