@@ -39,6 +39,7 @@ _sched: Scheduler | None = None
 _models: dict[str, dict[str, Any]] = {}      # registrations, replayed into a new scheduler
 _contexts: dict[str, dict[str, Any]] = {}
 _handlers: list[Callable[..., bool]] = []
+_queue_limits: dict[str, tuple] = {}          # @gpu_task(max_queue=..., overflow=...) per model, replayed too
 _shut = False                                 # shutdown() called: no new scheduler until configure()/reset()
 
 
@@ -85,6 +86,10 @@ def configure(**settings: Any) -> Config:
     global _config, _shut
     with _lock:
         new = Config.build(_config, **settings)
+        if "device" in settings and new.device != "auto" and new.device != "cpu":
+            from .device import make_device
+
+            make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
         if _sched is not None and not _sched.closed:
             _sched.reconfigure(**settings)
         _config = new
@@ -122,6 +127,8 @@ def scheduler() -> Scheduler:
                 s.register_model(name, **kw)
             for h in _handlers:
                 s.on_memory_pressure(h)
+            for name, (mq, ov) in _queue_limits.items():
+                s.set_queue_limits(name, mq, ov)
             _sched = s
         return _sched
 
@@ -162,6 +169,7 @@ def reset() -> None:
         _models.clear()
         _contexts.clear()
         _handlers.clear()
+        _queue_limits.clear()
         _config = Config()
 
 
@@ -396,6 +404,13 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
         raise ConfigError(f"overflow={overflow!r}: expected one of {', '.join(OVERFLOW_POLICIES)}")
 
     def wrap(f: Callable) -> Any:
+        if not callable(f):
+            raise ConfigError(f"gpu_task(model={model!r})({f!r}): expected a function to decorate")
+        if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f):
+            raise ConfigError(f"gpu_task: {getattr(f, '__name__', f)!r} is a generator function; its body would run "
+                              "outside the task, when the caller iterates. Return a list (or the result) instead")
+        if not inspect.isfunction(f) and not inspect.ismethod(f):
+            f = _as_function(f)   # a functools.partial, a callable object: give it a name and a signature
         if bs > 1:
             params = [p for p in inspect.signature(f).parameters.values()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
@@ -408,7 +423,11 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
                         after=after_t, device="cpu" if device == "cpu" else None, fallback=fallback,
                         batch_size=bs, batch_wait=bw, cuda_graph=cuda_graph, oom_retries=oom_retries)
         if max_queue is not None or overflow is not None:
-            scheduler().set_queue_limits(spec.model, max_queue, overflow)
+            with _lock:
+                scheduler().set_queue_limits(spec.model, max_queue, overflow)
+                old = _queue_limits.get(spec.model, (None, None))
+                _queue_limits[spec.model] = (max_queue if max_queue is not None else old[0],
+                                             overflow if overflow is not None else old[1])
 
         sig = inspect.signature(f)
         params = list(sig.parameters.values())
@@ -428,8 +447,13 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
         wrapper.__gpuctx_spec__ = spec
 
         def options(*, priority: int | None = None, after: Sequence[Any] | None = None,
-                    vram: int | str | None = None, device: str | None = None) -> Callable[..., Task]:
-            """This function with per-call overrides: ``fn.options(priority=5)(x)``."""
+                    vram: int | str | None = None, device: str | None = None,
+                    timeout: float | str | None = None) -> Callable[..., Task]:
+            """This function with per-call overrides: ``fn.options(priority=5)(x)``.
+
+            ``timeout`` (seconds, or a string like ``"2s"``): with ``overflow="block"``, how long a
+            call waits for room in a full queue before it raises ``Overloaded``.
+            """
             changes: dict[str, Any] = {}
             if priority is not None:
                 changes["priority"] = _check_int(priority, "priority")
@@ -442,10 +466,11 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
                     raise ConfigError(f"device={device!r}: expected 'cpu'")
                 changes["device"] = device
             over = replace(spec, **changes)
+            wait_s = None if timeout is None else _seconds(timeout, "timeout")
 
             def call(*args: Any, **kwargs: Any) -> Task:
                 _bind(sig, spec.name, args, kwargs)
-                return _submit(wrapper, over, args, kwargs)
+                return _submit(wrapper, over, args, kwargs, timeout=wait_s)
 
             return call
 
@@ -468,12 +493,17 @@ def _bind(sig: inspect.Signature, name: str, args: tuple, kwargs: dict) -> None:
         raise TypeError(f"{name}(): {exc}") from None
 
 
-def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool = True) -> Task:
+def _submit(wrapper: Any, spec: TaskSpec, args: tuple, kwargs: dict, block: bool = True,
+            timeout: float | None = None) -> Task:
     if spec.after:
         cycle = _find_cycle(wrapper, spec.after)
         if cycle:
             raise CycleError(f"{spec.name}: after= forms a cycle between gpu_task functions: {' -> '.join(cycle)}")
-    return scheduler().submit(spec, args, kwargs, block=block)
+    try:
+        s = scheduler()
+    except SchedulerClosed as exc:
+        raise SchedulerClosed(f"{spec.name}(): {exc}") from None
+    return s.submit(spec, args, kwargs, block=block, timeout=timeout)
 
 
 def wait(tasks: Iterable[Task] | Task, timeout: float | None = None, return_when: str = ALL_COMPLETED,
@@ -768,3 +798,18 @@ def export_trace(path: str) -> None:
     from .trace import export_chrome
 
     export_chrome(scheduler().trace, path)
+
+
+def _as_function(obj: Callable) -> Callable:
+    """A plain function calling ``obj``, with its signature and a name (for partials and callable objects)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return obj(*args, **kwargs)
+
+    inner = getattr(obj, "func", obj)
+    call.__name__ = call.__qualname__ = getattr(inner, "__name__", type(obj).__name__)
+    call.__doc__ = getattr(obj, "__doc__", None)
+    try:
+        call.__signature__ = inspect.signature(obj)   # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+    return call

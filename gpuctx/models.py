@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -135,7 +136,7 @@ class Slot:
     # younger one, whatever the priorities: the starvation bound holds per task inside a queue.
     def push(self, task: Any) -> None:
         heapq.heappush(self._heap, (-task.priority, next(_seq), task))
-        self._fifo.append(task)
+        self._fifo.append(weakref.ref(task))   # weak: a finished task is not kept by an older queued one
         self.queued += 1
 
     def peek(self, now: float | None = None, promote_after: float | None = None) -> Any:
@@ -204,9 +205,13 @@ class Slot:
 
     def oldest_queued(self) -> Any:
         """The queued task that became ready first (for drop_oldest and staleness)."""
-        while self._fifo and self._fifo[0].state is not _QUEUED:
-            self._fifo.popleft()
-        return self._fifo[0] if self._fifo else None
+        fifo = self._fifo
+        while fifo:
+            task = fifo[0]()
+            if task is not None and task.state is _QUEUED:
+                return task
+            fifo.popleft()
+        return None
 
     def head_priority(self) -> int:
         head = self.peek()

@@ -199,3 +199,107 @@ def test_registering_a_model_again_replaces_the_loaded_object_with_a_note(fresh)
         gpuctx.model("m", vram="2GB")(lambda: "new")
     assert use().result(TIMEOUT) == "new"
     assert gpuctx.scheduler().slot("m").size == 2 * GB
+
+
+# ----------------------------------------------------------------------------- 26: the rest of the contract gaps
+def test_gpu_task_on_things_that_are_not_plain_functions(fresh):
+    import functools
+
+    with pytest.raises(gpuctx.ConfigError, match=r"gpu_task\(model='m'\)\(5\): expected a function"):
+        gpuctx.gpu_task(model="m", vram="1GB")(5)
+    add = gpuctx.gpu_task(model="m", vram="1GB")(functools.partial(lambda a, b: a + b, 1))
+    assert add(2).result(TIMEOUT) == 3
+
+    def gen():
+        yield 1
+
+    with pytest.raises(gpuctx.ConfigError, match="'gen' is a generator function"):
+        gpuctx.gpu_task(model="m", vram="1GB")(gen)
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_by_configure_itself(fresh):
+    from gpuctx.device import cuda
+
+    if cuda.cuda_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(gpuctx.ConfigError, match="device='cuda'"):
+        gpuctx.configure(device="cuda")
+    assert gpuctx.scheduler().device.name == "cpu"
+
+
+def test_a_call_after_shutdown_names_itself(fresh):
+    job = gpuctx.gpu_task(model="m", vram="1GB")(lambda: 1)
+    gpuctx.shutdown()
+    with pytest.raises(gpuctx.SchedulerClosed, match=r"^<lambda>\(\): the gpuctx scheduler was shut down"):
+        job()
+
+
+def test_a_blocking_queue_has_a_public_timeout(fresh, gate):
+    release = gate()
+    job = gpuctx.gpu_task(model="q", vram="1GB", max_queue=1, overflow="block")(lambda: release.wait(TIMEOUT))
+    first, second = job(), job()          # one running, one queued: the queue is full
+    with pytest.raises(gpuctx.Overloaded, match="stayed full"):
+        job.options(timeout="50ms")()
+    release.set()
+    assert first.result(TIMEOUT) and second.result(TIMEOUT)
+
+
+def test_queue_limits_outlive_a_shutdown_and_a_new_configure(fresh):
+    gpuctx.gpu_task(model="q", vram="1GB", max_queue=3)(lambda: 1)
+    gpuctx.shutdown()
+    gpuctx.configure(budget="10GB")
+    assert gpuctx.scheduler().slot("q").max_queue == 3
+
+
+# ----------------------------------------------------------------------------- 11: finished results kept by a queued task
+def test_an_older_queued_task_does_not_keep_finished_results_alive(fresh, gate):
+    import gc
+    import weakref
+
+    class Result:
+        pass
+
+    start, finish, last_running = gate(), gate(), threading.Event()
+    refs: list = []
+    gpuctx.model("m", vram="1GB")(object)
+
+    @gpuctx.gpu_task(model="m")
+    def make(i):
+        if i == 199:
+            last_running.set()
+            finish.wait(TIMEOUT)
+        r = Result()
+        refs.append(weakref.ref(r))
+        return r
+
+    h = gpuctx.gpu_task(model="m")(lambda: start.wait(TIMEOUT))()
+    low = make.options(priority=0)(-1)                  # queued first, runs last
+    high = [make.options(priority=5)(i) for i in range(200)]
+    start.set()
+    assert last_running.wait(TIMEOUT)                   # 199 done, the last one running, low still queued
+    assert low.state is gpuctx.TaskState.QUEUED
+    del high
+    gc.collect()
+    assert len(refs) == 199 and all(r() is None for r in refs)
+    finish.set()
+    assert isinstance(low.result(TIMEOUT), Result) and h.result(TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- 1: the mixed-size stress that livelocked
+def test_ten_thousand_mixed_size_tasks_all_finish_within_the_budget(fresh):
+    import random
+
+    gpuctx.configure(budget="8GB")
+    rng = random.Random(1)
+    sizes = {"a": "2.5GB", "b": "2.5GB", "c": "2GB", "d": "4GB", "e": "2.5GB", "f": "1GB"}
+    fns = {}
+    for name, size in sizes.items():
+        gpuctx.model(name, vram=size, priority=rng.randint(0, 9))(object)
+        fns[name] = gpuctx.gpu_task(model=name)(lambda i: i)
+    names = list(sizes)
+    tasks = [fns[rng.choice(names)].options(priority=rng.randint(0, 9))(i) for i in range(10_000)]
+    done, pending = gpuctx.wait(tasks, timeout=120)
+    assert not pending and [t.result(0) for t in tasks[:5]] == [0, 1, 2, 3, 4]
+    stats = gpuctx.stats()
+    assert stats["tasks"] == 10_000 and stats["failed"] == 0
+    assert stats["peak_vram"] <= 8 * GB

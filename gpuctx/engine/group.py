@@ -74,7 +74,7 @@ class _Groups:
         token = _current.set(_Frame(slot.name, slot.obj, self._device.name, None))
         try:
             while True:
-                to_resolve: list = []
+                to_resolve = []
                 with cond:
                     if prev:
                         woke = False
@@ -82,7 +82,7 @@ class _Groups:
                             woke = self._settle_locked(t, outcome, to_resolve) or woke
                             if outcome[0] == "err":
                                 self._to_scrub.setdefault(slot.name, []).append(outcome[1])
-                        prev = ()
+                        prev = prev_out = t = outcome = ()   # the results are the futures' now, not this frame's
                         slot.last_used = self._clock()
                         if woke:   # dependents became ready (or failed): other slots may start now
                             self._dispatch_locked()
@@ -92,10 +92,12 @@ class _Groups:
                     for t in batch:
                         self._start_locked(slot.name, t)
                     obj = slot.obj
-                if to_resolve:
+                resolved = bool(to_resolve)
+                if resolved:
                     _resolve(to_resolve)
+                to_resolve = None   # nor the (task, result) items it resolved
                 if not batch:
-                    if to_resolve and cond.intake:
+                    if resolved and cond.intake:
                         continue   # a done-callback just submitted more: take it in before ending the group
                     return
                 prev, prev_out = batch, self._execute(slot, obj, batch)
