@@ -27,6 +27,7 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 import gpuctx
+from gpuctx._holders import free_output_cache
 from gpuctx.errors import GpuCtxError
 
 __all__ = ["GpuCtx", "GpuCtxMagics", "load_ipython_extension", "unload_ipython_extension"]
@@ -152,7 +153,7 @@ class GpuCtxMagics(Magics):
 
     # ------------------------------------------------------------------ the magic
     @magic_arguments()
-    @argument("words", nargs="*", help="cell: MODEL. line: status|config|evict|wait|cancel|reset|stats|timeline ...")
+    @argument("words", nargs="*", help="cell: MODEL. line: status|config|evict|wait|cancel|reset|stats|timeline|free ...")
     @argument("--vram", help="the model's size, e.g. 4.5GB (cell)")
     @argument("--priority", type=int, default=0, help="higher runs first (cell)")
     @argument("--after", nargs="+", default=[], metavar="NAME", help="Tasks in the user namespace to run after (cell)")
@@ -183,6 +184,8 @@ class GpuCtxMagics(Magics):
           %gpuctx cancel TASK           cancel a Task that has not started
           %gpuctx reset                 shut down; forget models, contexts and settings
           %gpuctx timeline              the timeline figure of what ran
+          %gpuctx free                  drop IPython's output-cache references (Out[n], _) to models
+                                        and tensors, so evicted models are really freed
           %gpuctx -h | --help           this text
         """
         if _wants_help(line):
@@ -343,8 +346,12 @@ class GpuCtxMagics(Magics):
             return None
         if cmd == "timeline":
             return gpuctx.timeline()
+        if cmd == "free":
+            dropped = free_output_cache(_heavy_test())
+            print("gpuctx: dropped " + (", ".join(dropped) if dropped else "nothing: no output holds a model or tensor"))
+            return None
         raise UsageError(f"%gpuctx {cmd}: unknown command; expected status, stats, config, evict, wait, cancel, "
-                         "reset or timeline")
+                         "reset, timeline or free")
 
     def _task(self, name: str) -> Any:
         task = self.shell.user_ns.get(name)
@@ -488,3 +495,21 @@ def unload_ipython_extension(ip: Any) -> None:
     ip.magics_manager.magics["cell"].pop("gpuctx", None)
     gpuctx.shutdown(cancel_pending=True)
     gpuctx.configure()   # a later %load_ext starts a fresh scheduler
+
+
+def _heavy_test() -> Any:
+    """A test for values worth dropping from the output cache: gpuctx's model objects and tensors."""
+    sched = gpuctx.scheduler()
+    models = {id(s.obj) for s, _ in sched.view().slots if s.obj is not None} | {id(o) for o in sched.still_held()}
+    torch = sys.modules.get("torch")
+
+    def heavy(value: Any, depth: int = 0) -> bool:
+        if id(value) in models or (torch is not None and isinstance(value, (torch.Tensor, torch.nn.Module))):
+            return True
+        if depth < 2 and isinstance(value, (list, tuple)):
+            return any(heavy(v, depth + 1) for v in value)
+        if depth < 2 and isinstance(value, dict):
+            return any(heavy(v, depth + 1) for v in value.values())
+        return False
+
+    return heavy

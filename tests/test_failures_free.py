@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+
+import pytest
 import warnings
 import weakref
 
@@ -56,3 +58,31 @@ def test_a_failed_loader_keeps_nothing_of_what_it_built(fresh):
     err = t.exception(TIMEOUT)
     assert isinstance(err, gpuctx.ModelLoadError) and "checkpoint truncated" in str(err)
     assert made[0]() is None
+
+
+def test_the_still_referenced_warning_names_out_and_gpuctx_free_drops_it(fresh):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext gpuctx")
+    try:
+        gpuctx.configure(device="cpu", budget="10GB", safety_factor=1.0)
+        made: list = []
+
+        @gpuctx.model("m", vram="1GB")
+        def load():
+            made.append(weakref.ref(obj := _Model()))
+            return obj
+
+        shell.user_ns["use"] = gpuctx.gpu_task(model="m")(lambda: gpuctx.current_model())
+        res = shell.run_cell("use().result(10)")          # the cell's value: Out[n] holds the model
+        n = shell.execution_count - 1
+        with pytest.warns(RuntimeWarning, match=rf"still referenced by Out\[{n}\], _; drop it \(%gpuctx free"):
+            gpuctx.evict("m")
+        assert res.result is not None and made[0]() is not None
+        res = None
+        shell.run_cell("%gpuctx free")
+        gc.collect()
+        assert made[0]() is None
+    finally:
+        shell.run_cell("%unload_ext gpuctx")

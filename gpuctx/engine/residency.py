@@ -10,6 +10,8 @@ import warnings
 
 from .. import policy
 from ..errors import BudgetError, ConfigError, ModelLoadError
+from .._holders import holders_of
+from ..device.base import _weak
 from ..models import Slot
 from ..units import format_size
 from .execute import _drop_frames
@@ -143,11 +145,18 @@ class _Residency:
                         warn = f"model {slot.name!r}: unload raised {type(exc).__name__}: {exc}; its object was dropped anyway"
                 slot.obj = None
                 if obj is not None:
+                    ref = _weak(obj)
                     holder, obj = [obj], None   # the device pops it: no reference left here
                     report = self._device.release(slot.name, holder, nbytes)
                     if report.still_referenced:
-                        warn = (f"model {slot.name!r} was evicted but its object is still referenced elsewhere "
-                                f"(a notebook variable?); {format_size(nbytes)} stay allocated until that reference is dropped")
+                        self._lingering[slot.name] = ref
+                        found = ref() if ref is not None else None
+                        where = holders_of(found) if found is not None else []
+                        found = None
+                        held = (f"by {', '.join(where)}; drop it (%gpuctx free clears IPython's output cache)"
+                                if where else "elsewhere (a variable, a stored traceback?)")
+                        warn = (f"model {slot.name!r} was evicted but its object is still referenced {held}; "
+                                f"{format_size(nbytes)} stay allocated until that reference is dropped")
             else:
                 self._device.empty_caches()
         finally:

@@ -74,6 +74,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._cpu_pool: Any = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
         self._graph_runners: dict[Any, Callable] = {}
+        self._lingering: dict[str, Any] = {}   # evicted models still referenced: name -> weakref
         self._stale: set[str] = set()          # models registered again while in use: evict at group end
         self._to_scrub: dict[str, list] = {}   # slot -> errors of its group whose callers' frames to clear
         self._fn_live: dict[Callable, "weakref.WeakSet[Task]"] = {}
@@ -153,6 +154,14 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
             slots = tuple((copy.copy(s), self._ledger.charge(s.name)) for s in self._slots.values())
             return EngineView(self._ledger.budget, self._ledger.committed(), slots,
                               tuple(sorted(self._live, key=lambda t: t.id)))
+
+    def still_held(self) -> list[Any]:
+        """Evicted model objects that something outside gpuctx still references (so still allocated)."""
+        alive = [(name, ref()) for name, ref in list(self._lingering.items()) if ref is not None]
+        for name, obj in alive:
+            if obj is None:
+                self._lingering.pop(name, None)
+        return [obj for _, obj in alive if obj is not None]
 
     def snapshot(self) -> policy.Snapshot:
         """The policy's view of the scheduler now."""
