@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import sys
 import threading
 from concurrent.futures import ALL_COMPLETED
 from dataclasses import replace
@@ -227,8 +228,11 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
     def register(loader: F) -> F:
         if not callable(loader):
             raise ConfigError(f"@gpuctx.model({name!r}) must decorate a callable loader, got {loader!r}")
+        caller = sys._getframe(1)   # the user's @gpuctx.model line: where warnings about this model point
+        origin = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__"), caller.f_globals)
+        del caller
         kw = dict(loader=loader, vram=vram, priority=priority, pin=pin, keep_alive=ka, unload=unload,
-                  offload=offload, max_queue=max_queue, overflow=overflow)
+                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin)
         with _lock:
             scheduler().register_model(name, **kw)
             _models[name] = kw

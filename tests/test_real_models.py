@@ -7,6 +7,8 @@ must give exactly what the same models give when run directly, outside gpuctx.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -194,3 +196,17 @@ def test_offload_rebinding_keeps_tied_and_aliased_tensors_shared():
     assert m.b.weight is m.a.weight and m.c.data_ptr() == m.a.weight.data_ptr()
     assert torch.equal(m.a.weight, before)
     assert _cuda.span_bytes([p for p in m.parameters()]) == 64
+
+
+def test_a_measured_size_warning_points_at_the_users_registration_line(fresh):
+    import warnings as _w
+
+    torch = pytest.importorskip("torch")
+    line = None
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        gpuctx.model("lin", vram="1KB")(lambda: torch.nn.Linear(64, 64))
+        gpuctx.gpu_task(model="lin")(lambda: 1)().result(10)
+    hits = [w for w in caught if "measured" in str(w.message)]
+    assert hits and hits[0].filename == __file__ and hits[0].lineno == line

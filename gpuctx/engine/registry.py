@@ -29,8 +29,12 @@ class _Registry:
     def register_model(self, name: str, loader: Callable[[], Any] | None, *, vram: int | str | None,
                        priority: int = 0, pin: bool = False, keep_alive: float | None = None,
                        unload: Callable[[Any], Any] | None = None, offload: bool | None = None,
-                       max_queue: int | None = None, overflow: str | None = None) -> Slot:
+                       max_queue: int | None = None, overflow: str | None = None,
+                       origin: tuple | None = None) -> Slot:
         """Register (or register again) a model's loader and settings.
+
+        ``origin`` is (file, line, module, globals) of the registration in the user's code:
+        warnings about the model (its measured size, a reference kept after eviction) point there.
 
         Everything is checked before anything changes: a refused registration leaves the model
         as it was. Registering again (a notebook cell run twice, edited) replaces the old
@@ -51,6 +55,8 @@ class _Registry:
                                       f"max_vram={format_size(s.max_vram)}")
                 self._check_fits_locked(s, size, what=f"model {name!r}", pinned=False)
             self._slots[name] = s
+            if origin is not None:
+                self._origins[name] = origin
             changed = []
             if size is not None and s.size_source in ("declared", "measured", "task") and size != s.size:
                 changed.append(f"size {format_size(s.size)} -> {format_size(size)}")
@@ -79,7 +85,7 @@ class _Registry:
         if evict_now:
             self._evict_marked(s, "registered again", keep_host_copy=False)
         if note:
-            warnings.warn(note, RuntimeWarning, stacklevel=4)
+            _warn_at(origin, note)
         return s
 
     def set_queue_limits(self, name: str, max_queue: int | None, overflow: str | None) -> None:
@@ -224,3 +230,14 @@ def _apply_queue_limits(s: Slot, max_queue: int | None, overflow: str | None) ->
         s.max_queue = max_queue
     if overflow is not None:
         s.overflow = overflow
+
+
+def _warn_at(origin: tuple | None, message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn at the user's line that registered the model (``origin``), not inside gpuctx: a load
+    runs on a worker thread, where no frame of the user's is on the stack for stacklevel to find."""
+    if origin is None:
+        warnings.warn(message, category, stacklevel=3)
+        return
+    filename, lineno, module, globs = origin
+    warnings.warn_explicit(message, category, filename, lineno, module=module,
+                           registry=globs.setdefault("__warningregistry__", {}), module_globals=globs)

@@ -6,7 +6,6 @@ carried out here without it (:meth:`_Residency._evict_marked`), by the thread th
 
 from __future__ import annotations
 
-import warnings
 
 from .. import policy
 from ..errors import BudgetError, ConfigError, ModelLoadError
@@ -15,6 +14,7 @@ from ..device.base import _weak
 from ..models import Slot
 from ..units import format_size
 from .execute import _drop_frames
+from .registry import _warn_at
 from .spec import _Frame, _current
 from .state import _resolve, slot_to
 
@@ -71,7 +71,7 @@ class _Residency:
         for v in victims:
             self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
         if warn:
-            warnings.warn(warn, RuntimeWarning, stacklevel=2)
+            _warn_at(self._origins.get(slot.name), warn)
         return True
 
     def _apply_measured_locked(self, slot: Slot, measured: int | None) -> tuple[str | None, tuple[str, ...]]:
@@ -94,7 +94,7 @@ class _Residency:
         me = next(v for v in snap.slots if v.name == slot.name)
         victims = policy.choose_victims(snap.slots, over, requester=me)
         if victims is None:
-            return (warn or "") + (f" model {slot.name!r} took {format_size(measured)}: the budget is exceeded by "
+            return (warn + " " if warn else "") + (f"model {slot.name!r} took {format_size(measured)}: the budget is exceeded by "
                                    f"{format_size(over)} and no idle model can be evicted"), ()
         for v in victims:
             self._mark_evicting_locked(self._slots[v], f"room for {slot.name!r}'s measured size")
@@ -171,7 +171,7 @@ class _Residency:
                 self._cond.notify_all()
                 self._dispatch_locked()
         if warn:
-            warnings.warn(warn, RuntimeWarning, stacklevel=3)
+            _warn_at(self._origins.get(slot.name), warn)
 
     def evict(self, name: str | None = None, *, reason: str = "asked") -> list[str]:
         """Evict model ``name`` (or every idle, unpinned model when None) now; returns what was evicted."""

@@ -74,6 +74,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._cpu_pool: Any = None
         self._handlers: list[Callable[[Any, int, int], bool]] = []
         self._graph_runners: dict[Any, Callable] = {}
+        self._origins: dict[str, tuple] = {}     # model -> where the user registered it (for warnings)
         self._lingering: dict[str, Any] = {}   # evicted models still referenced: name -> weakref
         self._stale: set[str] = set()          # models registered again while in use: evict at group end
         self._to_scrub: dict[str, list] = {}   # slot -> errors of its group whose callers' frames to clear
