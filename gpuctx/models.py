@@ -122,6 +122,8 @@ class Slot:
     _fifo: deque = field(default_factory=deque)
     _gone: set = field(default_factory=set)      # ids of tasks taken out of order (still in _heap)
     _promoted: Any = None                        # the overdue task peek() returned, if it did
+    _mixed: bool = False                         # queued tasks of more than one priority (since empty)
+    _first_priority: int = 0
 
     @property
     def is_label(self) -> bool:
@@ -135,12 +137,17 @@ class Slot:
     # A task that has waited ``promote_after`` seconds (the policy's max_wait) goes before every
     # younger one, whatever the priorities: the starvation bound holds per task inside a queue.
     def push(self, task: Any) -> None:
+        if self.queued and task.priority != self._first_priority:
+            self._mixed = True   # only then can the heap's head differ from the oldest task
+        elif not self.queued:
+            self._first_priority, self._mixed = task.priority, False
         heapq.heappush(self._heap, (-task.priority, next(_seq), task))
         self._fifo.append(weakref.ref(task))   # weak: a finished task is not kept by an older queued one
         self.queued += 1
 
-    def peek(self, now: float | None = None, promote_after: float | None = None) -> Any:
-        """The next task: the best by priority, or the oldest when it waited ``promote_after``."""
+    def peek(self, now: Any = None, promote_after: float | None = None) -> Any:
+        """The next task: the best by priority, or the oldest when it waited ``promote_after``
+        seconds by ``now`` (a time, or a clock to call: only called when priorities differ)."""
         heap, gone = self._heap, self._gone
         while heap and (heap[0][2].state is not _QUEUED or (gone and id(heap[0][2]) in gone)):
             gone.discard(id(heapq.heappop(heap)[2]))
@@ -148,8 +155,10 @@ class Slot:
         if not heap:
             return None
         head = heap[0][2]
-        if promote_after is not None and now is not None:
+        if promote_after is not None and now is not None and self._mixed:
             old = self.oldest_queued()
+            if callable(now):
+                now = now()
             if old is not head and now - old._ready_at >= promote_after:
                 self._promoted = old
                 return old

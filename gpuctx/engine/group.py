@@ -109,7 +109,7 @@ class _Groups:
             return []
         if self._others_waiting_locked(slot) and policy.should_yield(self._snapshot_locked(), slot.name):
             return []
-        head = slot.peek(self._clock(), self.config.max_wait)   # an overdue task goes first
+        head = slot.peek(self._clock, self.config.max_wait)   # an overdue task goes first
         if head is None:
             return []
         spec: TaskSpec = head._spec
