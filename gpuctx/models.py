@@ -136,25 +136,36 @@ class Slot:
     # -- queue: priority first, then submission order; lazy deletion of withdrawn tasks.
     # A task that has waited ``promote_after`` seconds (the policy's max_wait) goes before every
     # younger one, whatever the priorities: the starvation bound holds per task inside a queue.
+    # While every queued task has one priority the heap is in arrival order, so its head is the
+    # oldest task and no FIFO is kept. The first task of another priority starts the FIFO (weak
+    # references: a finished task is not kept alive by an older one still queued).
     def push(self, task: Any) -> None:
-        if self.queued and task.priority != self._first_priority:
-            self._mixed = True   # only then can the heap's head differ from the oldest task
-        elif not self.queued:
+        if not self.queued:
             self._first_priority, self._mixed = task.priority, False
+            self._fifo.clear()
+        elif not self._mixed and task.priority != self._first_priority:
+            self._mixed = True
+            self._fifo.extend(weakref.ref(e[2]) for e in sorted(self._heap, key=lambda e: e[1])
+                              if e[2].state is _QUEUED)
         heapq.heappush(self._heap, (-task.priority, next(_seq), task))
-        self._fifo.append(weakref.ref(task))   # weak: a finished task is not kept by an older queued one
+        if self._mixed:
+            self._fifo.append(weakref.ref(task))
         self.queued += 1
+
+    def _head(self) -> Any:
+        """The heap's best queued task (stale entries dropped), or None."""
+        heap, gone = self._heap, self._gone
+        while heap and (heap[0][2].state is not _QUEUED or (gone and id(heap[0][2]) in gone)):
+            gone.discard(id(heapq.heappop(heap)[2]))
+        return heap[0][2] if heap else None
 
     def peek(self, now: Any = None, promote_after: float | None = None) -> Any:
         """The next task: the best by priority, or the oldest when it waited ``promote_after``
         seconds by ``now`` (a time, or a clock to call: only called when priorities differ)."""
-        heap, gone = self._heap, self._gone
-        while heap and (heap[0][2].state is not _QUEUED or (gone and id(heap[0][2]) in gone)):
-            gone.discard(id(heapq.heappop(heap)[2]))
+        head = self._head()
         self._promoted = None
-        if not heap:
+        if head is None:
             return None
-        head = heap[0][2]
         if promote_after is not None and now is not None and self._mixed:
             old = self.oldest_queued()
             if callable(now):
@@ -214,6 +225,8 @@ class Slot:
 
     def oldest_queued(self) -> Any:
         """The queued task that became ready first (for drop_oldest and staleness)."""
+        if not self._mixed:
+            return self._head()
         fifo = self._fifo
         while fifo:
             task = fifo[0]()
