@@ -424,3 +424,9 @@ def auto_size_claim(snapshot: Snapshot, name: str) -> int:
     """Bytes a first load of a ``vram="auto"`` model may take before it is measured: all that is free."""
     claim = next((s.claim for s in snapshot.slots if s.name == name), 0)
     return max(0, free_bytes(snapshot) + claim)
+
+
+def route_to_cpu(fallback: str | None, fits_ever: bool, fits_now: bool) -> bool:
+    """True when a call goes to the CPU pool instead of waiting for the GPU: ``fallback="cpu"``
+    and its model can never fit, or cannot fit now even by evicting (with a pressure handler)."""
+    return fallback == "cpu" and not (fits_ever and fits_now)

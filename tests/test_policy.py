@@ -412,3 +412,17 @@ def test_overflow_batch_window_evict_all_and_victim_reasons_are_pure_decisions()
     assert evictable_now(views) == ("a",)
     assert victim_reason(SlotView("a", 1, state=RESIDENT)) == "no queued work, burstable, priority 0, idle"
     assert victim_reason(SlotView("a", 1, state=RESIDENT, queued=2, priority=3)).startswith("has queued work")
+
+
+def test_should_yield_is_false_when_no_other_group_waits_which_the_engine_shortcut_relies_on():
+    from gpuctx.policy import route_to_cpu
+    for params in (PolicyParams(), PolicyParams(max_wait=0.0)):
+        snap = Snapshot(now=100.0, budget=4, params=params, slots=(
+            SlotView("run", 3, state=RESIDENT, used=3, busy=True, queued=5, oldest=0.0, started=0.0),
+            SlotView("idle", 1, state=RESIDENT, used=1),                      # nothing queued
+            SlotView("busy", 1, state=ABSENT, busy=True, queued=3)))          # running already
+        assert should_yield(snap, "run") is False
+    assert route_to_cpu("cpu", fits_ever=False, fits_now=False)
+    assert route_to_cpu("cpu", fits_ever=True, fits_now=False)
+    assert not route_to_cpu("cpu", fits_ever=True, fits_now=True)
+    assert not route_to_cpu(None, fits_ever=False, fits_now=False)

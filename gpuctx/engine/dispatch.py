@@ -75,6 +75,9 @@ class _Dispatch:
         return entry[1]
 
     def _others_waiting_locked(self, slot: Slot) -> bool:
+        """Whether any other slot has ready work it is not running: when none has,
+        ``policy.should_yield`` is False (tests/test_policy.py checks it), so the running group
+        skips the snapshot. A shortcut, not a decision."""
         for s in self._slots.values():
             if s.queued and not s.busy and s is not slot:
                 return True

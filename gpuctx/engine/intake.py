@@ -152,12 +152,13 @@ class _Intake:
         try:
             self._check_fits_locked(slot, size, what=f"{spec.name} (model {slot.name!r})")
         except BudgetError:
-            if spec.fallback == "cpu":
+            if policy.route_to_cpu(spec.fallback, fits_ever=False, fits_now=False):
                 return True
             raise
         if size != slot.size or (spec.vram is not None and slot.size_source in ("label", "auto")):
             slot.size, slot.size_source = size, "task"
-        return spec.fallback == "cpu" and self._pressure_locked(slot) is not None
+        return spec.fallback == "cpu" and policy.route_to_cpu(
+            spec.fallback, fits_ever=True, fits_now=self._pressure_locked(slot) is None)
 
     def _pressure_locked(self, slot: Slot, size: int | None = None) -> int | None:
         """Free bytes when ``slot`` (of ``size``) cannot be made resident now even by evicting, else None."""
