@@ -303,3 +303,66 @@ def test_ten_thousand_mixed_size_tasks_all_finish_within_the_budget(fresh):
     stats = gpuctx.stats()
     assert stats["tasks"] == 10_000 and stats["failed"] == 0
     assert stats["peak_vram"] <= 8 * GB
+
+
+# ----------------------------------------------------------------------------- 2: errors along a dependency chain
+def test_a_long_chains_errors_stay_small_and_name_the_root_cause(fresh, gate):
+    release = gate()
+    hold = gpuctx.gpu_task(model="h", vram="1GB")(lambda: release.wait(TIMEOUT))()
+
+    @gpuctx.gpu_task(model="m", vram="1GB")
+    def boom(_):
+        raise ValueError("the root cause")
+
+    step = gpuctx.gpu_task(model="m", vram="1GB")(lambda x: x)
+    head = boom(hold)
+    t = head
+    chain = []
+    for _ in range(1000):
+        t = step(t)
+        chain.append(t)
+    release.set()
+    err = chain[-1].exception(TIMEOUT)
+    assert isinstance(err, gpuctx.DependencyError)
+    assert len(str(err)) < 400 and "ValueError: the root cause" in str(err) and "1000 links away" in str(err)
+    assert isinstance(err.__cause__, ValueError)           # the root error itself is chained
+
+
+def test_cancelling_the_head_of_a_ten_thousand_link_chain_is_quick_and_resolves_every_future(fresh, gate):
+    import time as _time
+
+    release = gate()
+    hold = gpuctx.gpu_task(model="h", vram="1GB")(lambda: release.wait(TIMEOUT))()
+    step = gpuctx.gpu_task(model="m", vram="1GB")(lambda x: x)
+    head = step(hold)
+    t, chain = head, []
+    for _ in range(10_000):
+        t = step(t)
+        chain.append(t)
+    t0 = _time.perf_counter()
+    assert head.cancel()
+    took = _time.perf_counter() - t0
+    assert all(c.done() for c in chain) and len(str(chain[-1].exception(0))) < 400
+    assert took < 5.0   # 6.6 s and 4.1 GB before; a generous bound, the point is that it ends
+    release.set()
+    hold.result(TIMEOUT)
+
+
+# ----------------------------------------------------------------------------- 3: BaseException during delivery
+def test_a_done_callback_raising_system_exit_does_not_strand_the_other_futures(fresh, gate):
+    release = gate()
+    hold = gpuctx.gpu_task(model="h", vram="1GB")(lambda: release.wait(TIMEOUT))()
+    step = gpuctx.gpu_task(model="m", vram="1GB")(lambda x: x)
+    head = step(hold)
+    dependents = [step(head) for _ in range(5)]
+
+    def bad(_):
+        raise SystemExit("callback says exit")
+
+    head.add_done_callback(bad)               # runs first: the head is resolved before its dependents
+    with pytest.raises(SystemExit):
+        head.cancel()                          # the callback's SystemExit reaches the caller ...
+    for d in dependents:                       # ... after every future was resolved
+        assert isinstance(d.exception(TIMEOUT), gpuctx.DependencyError)
+    release.set()
+    hold.result(TIMEOUT)
