@@ -153,7 +153,7 @@ class GpuCtxMagics(Magics):
 
     # ------------------------------------------------------------------ the magic
     @magic_arguments()
-    @argument("words", nargs="*", help="cell: MODEL. line: status|config|evict|wait|cancel|reset|stats|timeline|free ...")
+    @argument("words", nargs="*", help="cell: MODEL. line: a command and its words (listed above)")
     @argument("--vram", help="the model's size, e.g. 4.5GB (cell)")
     @argument("--priority", type=int, default=0, help="higher runs first (cell)")
     @argument("--after", nargs="+", default=[], metavar="NAME", help="Tasks in the user namespace to run after (cell)")

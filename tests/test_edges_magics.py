@@ -61,6 +61,7 @@ def test_reset_does_not_bring_back_a_stale_budget(ip):
 
 # ---------------------------------------------------------------- 20: typos are not labels
 def test_an_unknown_model_without_vram_is_an_error_with_suggestions(ip):
+    ip.user_ns.pop("job", None)   # the shell is shared: another test may have made one
     gpuctx.model("whisper", vram="1GB")(lambda: "W")
     before = _rows()
     res = ip.run_cell("%%gpuctx wisper\ngpuctx.current_model()")
