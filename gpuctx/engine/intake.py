@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -52,11 +51,9 @@ class _Intake:
                 if d._owner is not self:
                     raise ConfigError(f"{spec.name}(): a dependency Task #{d.id} belongs to another (shut down?) scheduler")
             slot = self._slots.get(spec.model)
-            if slot is None:   # a new label: recorded only once the request is accepted
+            new = slot is None
+            if new:   # a new label: recorded only once the request is accepted
                 slot = Slot(name=spec.model)
-                accepted = functools.partial(self._slots.setdefault, spec.model, slot)
-            else:
-                accepted = _nothing
             on_cpu = spec.device == "cpu"
             if not on_cpu and not (slot.state == policy.RESIDENT and (spec.vram is None or spec.vram == slot.size)
                                    and not self._handlers):
@@ -64,7 +61,8 @@ class _Intake:
                 on_cpu = self._admit_locked(slot, spec)
             if not on_cpu and slot.max_queue is not None:
                 self._make_room_in_queue_locked(slot, spec, block, timeout, to_resolve)
-            accepted()
+            if new:
+                self._slots.setdefault(spec.model, slot)
             task.submitted_at = self._clock()
             if on_cpu:
                 task._on_cpu = True
@@ -226,7 +224,3 @@ class _Intake:
             f"{spec.name}: {slot.name!r}'s queue is full ({slot.queued + slot.pending}/{slot.max_queue}, "
             f"overflow={slot.overflow!r}{', try_submit never waits' if not block else ''})"
         )
-
-
-def _nothing() -> None:
-    return None

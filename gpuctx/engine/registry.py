@@ -95,14 +95,15 @@ class _Registry:
             _apply_queue_limits(self._slot_locked(name), max_queue, overflow)
 
     def _others_reserved_locked(self, name: str) -> int:
-        return sum(v for k, v in self._ledger.reserved.items() if k != name)
+        reserved = self._ledger.reserved
+        return sum(v for k, v in reserved.items() if k != name) if reserved else 0
 
     def _check_fits_locked(self, s: Slot, size: int, *, what: str, pinned: bool = True) -> None:
         """BudgetError now when ``size`` can never fit, with the numbers: the budget less other
         contexts' reservations and (with ``pinned``, for work submitted now) the memory of
         resident pinned models, which are never evicted."""
         reserved = self._ledger.reserved
-        others = sum(v for k, v in reserved.items() if k != s.name) if reserved else 0
+        others = self._others_reserved_locked(s.name)
         held = others
         if pinned:
             pinned = {}
