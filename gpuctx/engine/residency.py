@@ -199,9 +199,12 @@ class _Residency:
             with self._cond:
                 if self._closed:
                     return
-                snap = self._snapshot_locked()
-                now = snap.now
-                names, next_at = policy.keep_alive_due(snap.slots, now)
+                if self.config.keep_alive is None and all(s.keep_alive is None for s in self._slots.values()):
+                    names, next_at, now = (), None, 0.0   # nothing can expire: no snapshot per group end
+                else:
+                    snap = self._snapshot_locked()
+                    now = snap.now
+                    names, next_at = policy.keep_alive_due(snap.slots, now)
                 due = [self._slots[n] for n in names]
                 for s in due:
                     ka = s.keep_alive if s.keep_alive is not None else self.config.keep_alive
