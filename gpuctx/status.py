@@ -31,6 +31,24 @@ class ModelRow:
     queued: int
     pending: int
     last_used: float
+    working: int = 0              # working memory a task needs: declared, or the running estimate
+    working_source: str = "none"  # "declared", "estimated" (measured on a GPU) or "none"
+    working_now: int = 0          # working memory charged now, for the task running
+    sm_share: float | None = None  # its share of the GPU's SMs (None: uses the rest)
+    sm: str = ""                  # "enforced (...)" or "not enforced: why"; "" without a share
+
+    def describe_working(self) -> str:
+        """The working memory as one phrase, e.g. ``"working 1.5 GB (declared), 1.5 GB now"``."""
+        if self.working_source == "none" and not self.working_now:
+            return ""
+        text = f"working {format_size(self.working)} ({self.working_source})"
+        return text + (f", {format_size(self.working_now)} now" if self.working_now else "")
+
+    def describe_sm(self) -> str:
+        """The SM share as one phrase, e.g. ``"SM 0.50 (not enforced: ...)"``; "" without a share."""
+        if self.sm_share is None:
+            return f"SM count ({self.sm})" if self.sm else ""
+        return f"SM {self.sm_share:.2f} ({self.sm})"
 
 
 @dataclass(frozen=True)
@@ -62,7 +80,8 @@ class Status:
         view = sched.view()
         models = tuple(
             ModelRow(s.name, s.state, s.size, s.size_source, charge, s.priority, QoS.name(s.qos),
-                     s.pin, s.loads, s.queued, s.pending, s.last_used)
+                     s.pin, s.loads, s.queued, s.pending, s.last_used, *s.working_need(), s.working_charged,
+                     s.sm_share, s.sm_enforced)
             for s, charge in view.slots
         )
         tasks = tuple(TaskRow(t.id, t.name, t.model, t.state.value, t.device if t.device == "cpu" else t.model)
@@ -86,6 +105,7 @@ class Status:
                 f"  {m.name:<14} {m.state:<9} {format_size(m.size):>9} ({m.size_source}) counted {format_size(m.used):>9} "
                 f"prio {m.priority} {m.qos.lower()}{' pinned' if m.pinned else ''} loads {m.loads} "
                 f"queued {m.queued} waiting {m.pending}"
+                + "".join(f", {x}" for x in (m.describe_working(), m.describe_sm()) if x)
             )
         running = [t for t in self.tasks if t.state == "running"]
         lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
@@ -104,11 +124,13 @@ class Status:
         )
         if not self.healthy:
             head += f"<div style='color:#c62828'>unhealthy: {e('; '.join(self.problems))}</div>"
-        cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting")
+        cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting",
+                "working", "SM share")
         rows = "".join(
             "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
                 m.name, m.state, f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
-                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)) + "</tr>"
+                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending, m.describe_working(),
+                m.describe_sm())) + "</tr>"
             for m in self.models
         )
         table = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"
