@@ -60,7 +60,7 @@ def configure(**settings: Any) -> Config:
 
     | Setting | Default | Meaning |
     |---|---|---|
-    | `budget` | `None` | Bytes of VRAM the scheduler may keep committed: an int, or a string like `"20GB"`. An explicit budget is used as given (no safety factor). `None`: the memory read from the device times `safety_factor` (on a GPU, its memory less what other processes hold; on the CPU, 16 GB). |
+    | `budget` | `None` | Bytes of VRAM the scheduler may keep committed (resident weights, context reservations and the working memory of running tasks together): an int, or a string like `"20GB"`. An explicit budget is used as given (no safety factor). `None`: the memory read from the device times `safety_factor` (on a GPU, its memory less what other processes hold; on the CPU, 16 GB). |
     | `safety_factor` | `0.9` | Fraction, in (0, 1], of the memory read from the device that the budget takes; it does not apply to an explicit `budget`. |
     | `device` | `"auto"` | `"auto"` (CUDA device 0 when one is visible, else the CPU), `"cpu"`, `"cuda"` or `"cuda:N"`. Changes only while no model is loaded and no task is live. |
     | `max_wait` | `30.0` | Seconds (a number, or a string like `"500ms"`, `"2s"`, `"1min"`): the floor of the starvation bound between models, and how long a task waits in its model's queue before it goes ahead of higher priorities. |
@@ -748,7 +748,9 @@ def explain(ctx: Any, vram: int | str | None = None) -> str:
 
     Returns:
         One line that starts with `"admitted now"`, `"admitted after evicting ..."`, `"waits"`
-            or `"rejected"`, with the numbers.
+            or `"rejected"`, with the numbers. For a context with an SM share it also gives the
+            shares running now and whether this one fits beside them (a share that would take
+            the sum above 1.0 makes the answer `"waits"`).
     """
     return scheduler().explain(_ctx_name(ctx), vram)
 
