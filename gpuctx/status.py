@@ -124,13 +124,14 @@ class Status:
         )
         if not self.healthy:
             head += f"<div style='color:#c62828'>unhealthy: {e('; '.join(self.problems))}</div>"
-        cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting",
-                "working", "SM share")
+        cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting")
+        extra = any(m.describe_working() or m.describe_sm() for m in self.models)   # columns only when used
+        cols += ("working", "SM share") if extra else ()
         rows = "".join(
             "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
                 m.name, m.state, f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
-                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending, m.describe_working(),
-                m.describe_sm())) + "</tr>"
+                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)
+                + ((m.describe_working(), m.describe_sm()) if extra else ())) + "</tr>"
             for m in self.models
         )
         table = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"

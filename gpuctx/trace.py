@@ -89,27 +89,35 @@ class StatsReport(dict):
         """A readable table."""
         lines = [f"tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
                  f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")]
+        working = self._has_working()
         lines.append(f"{'model':<14}{'loads':>6}{'unloads':>8}{'offl':>6}{'rest':>6}{'load s':>8}{'tasks':>7}"
-                     f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}{'working':>10}")
+                     f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}" + (f"{'working':>10}" if working else ""))
         for name, m in self["models"].items():
             lines.append(f"{name:<14}{m['loads']:>6}{m['unloads']:>8}{m['offloads']:>6}{m['restores']:>6}"
                          f"{m['load_seconds']:>8.2f}{m['tasks']:>7}{m['wait_p50'] * 1e3:>8.1f}ms"
                          f"{m['wait_p95'] * 1e3:>8.1f}ms{m['run_p50'] * 1e3:>7.1f}ms"
-                         f"{m.get('working_peak', 0) / 1e9:>8.2f}GB")
+                         + (f"{m.get('working_peak', 0) / 1e9:>8.2f}GB" if working else ""))
         return "\n".join(lines)
+
+    def _has_working(self) -> bool:
+        """Whether any model was charged working memory (its column is shown only then)."""
+        return any(m.get("working_peak") or m.get("working_measured") for m in self["models"].values())
 
     def __str__(self) -> str:
         return self.to_text()
 
     def _repr_html_(self) -> str:
         cols = ("model", "loads", "unloads", "offloads", "restores", "load s", "tasks", "failed",
-                "wait p50", "wait p95", "wait max", "run p50", "run p95", "run max", "working peak")
+                "wait p50", "wait p95", "wait max", "run p50", "run p95", "run max")
+        working = self._has_working()
+        cols += ("working peak",) if working else ()
         ms = lambda v: f"{v * 1e3:.1f} ms"  # noqa: E731
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 name, m["loads"], m["unloads"], m["offloads"], m["restores"], f"{m['load_seconds']:.2f}", m["tasks"],
                 m["failed"], ms(m["wait_p50"]), ms(m["wait_p95"]), ms(m["wait_max"]), ms(m["run_p50"]),
-                ms(m["run_p95"]), ms(m["run_max"]), f"{m.get('working_peak', 0) / 1e9:.2f} GB")) + "</tr>"
+                ms(m["run_p95"]), ms(m["run_max"])) + ((f"{m.get('working_peak', 0) / 1e9:.2f} GB",) if working else ()))
+            + "</tr>"
             for name, m in self["models"].items()
         )
         head = (f"<div>tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
