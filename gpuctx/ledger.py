@@ -75,10 +75,12 @@ class Ledger:
         return delta <= self.free()
 
     def activate(self, name: str, nbytes: int) -> None:
-        """Count ``nbytes`` as used by ``name`` (its claim, if any, is settled)."""
+        """Count ``nbytes`` as used by ``name`` (its claim, if any, is settled; a claim that also
+        promised its first task's working memory stays until the group ends)."""
         if not self.can_activate(name, nbytes):
             raise AssertionError(f"ledger: {name!r} would exceed the budget")  # callers check first
-        self.claims.pop(name, None)
+        if self.claims.get(name, 0) <= nbytes:
+            self.claims.pop(name, None)
         self.used[name] = nbytes
         self._recount()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gpuctx
 from gpuctx import policy
@@ -67,6 +69,27 @@ def test_the_ledger_never_exceeds_the_budget_on_random_workloads_with_working_me
     assert r.peak <= budget
     for t in tasks:
         assert all(r.end[d] <= r.start[t.id] for d in t.deps)
+
+
+@st.composite
+def _workloads(draw):
+    n_models = draw(st.integers(1, 4))
+    models = [SimModel(f"m{i}", draw(st.integers(1, 3)) * GB, draw(st.floats(0, 2)),
+                       working=draw(st.integers(0, 2)) * GB) for i in range(n_models)]
+    tasks = []
+    for i in range(draw(st.integers(1, 30))):
+        deps = tuple(sorted(set(draw(st.lists(st.integers(0, max(0, i - 1)), max_size=2))))) if i else ()
+        tasks.append(SimTask(i, draw(st.sampled_from(models)).name, draw(st.floats(0, 5)),
+                             draw(st.floats(0.01, 1)), deps, draw(st.integers(0, 3))))
+    return models, tasks, draw(st.integers(5, 10)) * GB
+
+
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(_workloads())
+def test_weights_reservations_and_working_memory_never_pass_the_budget(w):
+    models, tasks, budget = w
+    r = run(models, tasks, budget)   # a livelock or a deadlock raises (the virtual driver sees it)
+    assert r.peak <= budget and len(r.end) == len(tasks)
 
 
 def test_threaded_bodies_never_see_the_ledger_above_the_budget(fresh):

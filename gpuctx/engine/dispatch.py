@@ -62,8 +62,8 @@ class _Dispatch:
             for v in start.evict:
                 victim = self._slots[v]
                 self._mark_evicting_locked(victim, f"room for {start.slot!r}: {policy.victim_reason(views[v])}")
-            if start.need:
-                self._ledger.claims[start.slot] = start.need
+            if start.need:   # the charge the group will have: held for it until its group ends
+                self._ledger.claims[start.slot] = policy.charge(views[start.slot]) + start.need
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
         self._cond.notify_all()
 
