@@ -3,6 +3,8 @@ would not fit together take turns, and the ledger never passes the budget."""
 
 from __future__ import annotations
 
+import random
+import signal
 import threading
 
 import pytest
@@ -90,6 +92,39 @@ def test_weights_reservations_and_working_memory_never_pass_the_budget(w):
     models, tasks, budget = w
     r = run(models, tasks, budget)   # a livelock or a deadlock raises (the virtual driver sees it)
     assert r.peak <= budget and len(r.end) == len(tasks)
+
+
+def _random_workload(seed: int) -> tuple[list[SimModel], list[SimTask], int]:
+    rng = random.Random(seed)
+    models = [SimModel(f"m{i}", rng.randint(1, 3) * GB, rng.uniform(0, 2), working=rng.randint(0, 2) * GB)
+              for i in range(rng.randint(1, 4))]
+    tasks = []
+    for i in range(rng.randint(1, 30)):
+        deps = tuple(sorted({rng.randint(0, max(0, i - 1)) for _ in range(rng.randint(0, 2))})) if i else ()
+        tasks.append(SimTask(i, rng.choice(models).name, rng.uniform(0, 5), rng.uniform(0.01, 1), deps,
+                             rng.randint(0, 3)))
+    return models, tasks, rng.randint(5, 10) * GB
+
+
+def test_random_workloads_with_working_memory_end_without_a_livelock():
+    # Seed 47 livelocked before a group's claim held its working memory: a resident model that needed
+    # working memory stepped aside, a higher-priority load took the memory, was evicted for it, again.
+    # A livelock that passes virtual time (loads and evictions, over and over) never ends the run:
+    # a real-time alarm turns it into a failure.
+    def livelock(*_):
+        raise AssertionError(f"seed {seed}: the run did not end (a livelock)")
+
+    previous = signal.signal(signal.SIGALRM, livelock)
+    try:
+        for seed in [47, *range(120)]:
+            models, tasks, budget = _random_workload(seed)
+            signal.alarm(20)
+            r = run(models, tasks, budget)
+            signal.alarm(0)
+            assert r.peak <= budget and len(r.end) == len(tasks), seed
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_threaded_bodies_never_see_the_ledger_above_the_budget(fresh):
