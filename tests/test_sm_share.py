@@ -151,12 +151,74 @@ def test_bad_sm_settings_are_refused_and_nothing_is_created(fresh, kw, match):
     assert not {"ctx", "m"} & {s.name for s in gpuctx.scheduler().slots()}
 
 
-def test_the_missing_green_context_support_is_named():
+def test_without_torch_the_missing_green_contexts_are_named():
     from gpuctx.device import green
 
     assert "no CUDA-enabled torch" in green.missing(None)
-    torch = pytest.importorskip("torch")
-    from torch.cuda import green_contexts
 
-    if not green_contexts.SUPPORTED:   # the CPU wheel: built without them
-        assert "without green context support" in green.missing(torch)
+
+# --------------------------------------------------------------------------- the CUDA side, on fakes
+class _Stream:
+    def __init__(self, name: str) -> None:
+        self.name, self.waited = name, []
+
+    def wait_stream(self, other) -> None:
+        self.waited.append(other)
+
+
+def _fake_cuda_device(green_contexts):
+    from types import SimpleNamespace
+
+    from gpuctx.device import cuda as _cuda
+
+    props = SimpleNamespace(multi_processor_count=132)
+    torch = SimpleNamespace(__version__="9.9", __name__="faketorch", _C=SimpleNamespace(_cuda_getDriverVersion=lambda: 12080),
+                            cuda=SimpleNamespace(green_contexts=green_contexts, get_device_properties=lambda i: props))
+    dev = object.__new__(_cuda.CudaDevice)
+    dev._setup(0, torch, None, None, None)
+    return dev
+
+
+def test_a_cuda_context_stream_comes_from_a_green_context_with_that_many_sms():
+    from types import SimpleNamespace
+
+    made = []
+
+    class GreenContext:
+        def __init__(self, num_sms):
+            self.num_sms = num_sms
+
+        @staticmethod
+        def create(num_sms, device_id):
+            made.append((num_sms, device_id))
+            return GreenContext(num_sms)
+
+        def Stream(self):  # noqa: N802 - torch's name
+            return _Stream(f"green{self.num_sms}")
+
+    dev = _fake_cuda_device(SimpleNamespace(SUPPORTED=True, GreenContext=GreenContext))
+    old = dev._streams["asr"] = _Stream("old")
+    enforced, why = dev.partition("asr", 0.25, None)
+    assert enforced == "enforced (green context, 33 of 132 SMs)" and why == ""
+    assert made == [(33, 0)] and dev.get_stream("asr").name == "green33"
+    assert dev.get_stream("asr").waited == [old]   # what was queued on the old stream comes first
+    assert dev.partition("llm", None, 64)[0].startswith("enforced (green context, 64 of 132")
+
+
+def test_a_cuda_device_without_green_contexts_says_what_is_missing():
+    from types import SimpleNamespace
+
+    def refuse(**_):
+        raise RuntimeError("CUDA_ERROR_NOT_SUPPORTED")
+
+    cases = [
+        (SimpleNamespace(SUPPORTED=False), "built without green context support"),
+        (SimpleNamespace(SUPPORTED=True, GreenContext=object), "makes no streams"),
+        (SimpleNamespace(SUPPORTED=True, GreenContext=SimpleNamespace(Stream=None, create=refuse)),
+         "green context of 66 SMs failed: RuntimeError: CUDA_ERROR_NOT_SUPPORTED"),
+    ]
+    for module, why in cases:
+        dev = _fake_cuda_device(module)
+        enforced, said = dev.partition("asr", 0.5, None)
+        assert enforced is False and why in said
+        assert "asr" not in dev._streams

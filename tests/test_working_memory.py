@@ -314,6 +314,33 @@ def test_the_estimate_looks_back_over_a_window_of_measured_peaks():
     assert policy.working_estimate([]) == 0 and policy.working_estimate([3, 5, 4]) == 5
 
 
+def test_the_cuda_device_measures_the_peak_above_what_was_allocated_and_resets_it_only_when_alone():
+    from types import SimpleNamespace
+
+    from gpuctx.device import cuda as _cuda
+
+    mem = {"allocated": 5 * GB, "peak": 9 * GB, "resets": 0}
+
+    def reset(index):
+        mem["resets"] += 1
+        mem["peak"] = mem["allocated"]
+
+    torch = SimpleNamespace(cuda=SimpleNamespace(
+        memory_allocated=lambda i: mem["allocated"], max_memory_allocated=lambda i: mem["peak"],
+        reset_peak_memory_stats=reset))
+    dev = object.__new__(_cuda.CudaDevice)
+    dev._setup(0, torch, None, None, None)
+    assert dev.measures_working
+    first = dev.working_begin("a")                 # alone: the peak is reset to what is allocated
+    mem["peak"] = 7 * GB                           # a's activations
+    second = dev.working_begin("b")                # a is being measured: no reset under it
+    mem["peak"] = 8 * GB
+    assert mem["resets"] == 1
+    assert dev.working_end("a", first) == 3 * GB   # 8 GB peak (b's too: an over-estimate) - 5 GB
+    assert dev.working_end("b", second) == 3 * GB
+    assert dev._probes == 0
+
+
 def test_the_cpu_device_declares_only():
     assert CpuDevice.measures_working is False
 

@@ -24,9 +24,8 @@ def missing(torch: Any) -> str | None:
     """What the stack lacks for green contexts, or None when torch and the driver have them."""
     if torch is None:
         return "no CUDA-enabled torch (CuPy alone has no green contexts in gpuctx)"
-    try:
-        from torch.cuda import green_contexts
-    except Exception:  # noqa: BLE001 - an older torch
+    green_contexts = _module(torch)
+    if green_contexts is None:
         return f"torch {torch.__version__} has no torch.cuda.green_contexts (torch 2.10+)"
     if not getattr(green_contexts, "SUPPORTED", False):
         return f"torch {torch.__version__} was built without green context support"
@@ -36,6 +35,19 @@ def missing(torch: Any) -> str | None:
     if driver is not None and driver < MIN_DRIVER:
         return f"the CUDA driver is {driver // 1000}.{driver % 1000 // 10}; green contexts need 12.4+"
     return None
+
+
+def _module(torch: Any) -> Any:
+    """``torch.cuda.green_contexts`` of this torch, or None."""
+    found = getattr(torch.cuda, "green_contexts", None)
+    if found is not None:
+        return found
+    try:
+        import importlib
+
+        return importlib.import_module(f"{torch.__name__}.cuda.green_contexts")
+    except Exception:  # noqa: BLE001 - an older torch
+        return None
 
 
 def _driver_version(torch: Any) -> int | None:
@@ -57,7 +69,5 @@ def sm_total(torch: Any, cp: Any, index: int) -> int | None:
 
 def make_stream(torch: Any, index: int, num_sms: int) -> tuple[Any, Any]:
     """(green context, its stream) with ``num_sms`` SMs on card ``index``; raises what torch raises."""
-    from torch.cuda.green_contexts import GreenContext
-
-    ctx = GreenContext.create(num_sms=num_sms, device_id=index)
+    ctx = _module(torch).GreenContext.create(num_sms=num_sms, device_id=index)
     return ctx, ctx.Stream()
