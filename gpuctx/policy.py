@@ -70,6 +70,13 @@ then the cheapest to reload. A model's *charge* is ``max(reserved, used)``, so e
 BURSTABLE model frees only its burst above the base; GUARANTEED models free nothing and
 are never chosen.
 
+**Working memory and SM shares.** A running task is charged its working memory (activations,
+caches) on top of its model's weights, so what a group needs to start (:func:`start_need`) is
+its load plus its next task's working memory; before each further task :func:`admit_working`
+says start, wait (memory in use will come back) or yield (let the plan evict or run others).
+A group with an SM share starts only while the shares of the groups running at once stay
+within 1.0 (:func:`sm_fits`); groups without one are never held back by it.
+
 Nothing here locks, sleeps, or touches a device; :mod:`gpuctx.sim` replays the same
 functions on a virtual clock.
 """
