@@ -52,6 +52,7 @@ class _Groups:
                 if slot.is_label and slot.state == policy.RESIDENT:
                     slot_to(slot, policy.ABSENT)
                     self._ledger.release(name)
+                    self._share_settle_locked(name)
                 stale = name in self._stale and slot.state == policy.RESIDENT and not slot.queued
                 if stale:
                     self._stale.discard(name)
