@@ -154,6 +154,34 @@ def test_a_sigkilled_kernels_charges_are_reclaimed_within_the_bound(share_dir, k
     assert b("run", model="mb")["result"] == "mb"   # the dead kernel's 700 MB are free again
 
 
+def test_stress_a_thousand_cross_process_eviction_cycles_leave_charges_equal_to_what_is_resident(share_dir,
+                                                                                                kernels):
+    fast = {"GPUCTX_SHARE_HEARTBEAT": "0.005"}   # 5 ms heartbeats: 1,000 cycles in seconds
+    a, b = kernels("stress", 100 * MB, env=fast), kernels("stress", 100 * MB, env=fast)
+    a("model", name="ma", vram=60 * MB)
+    b("model", name="mb", vram=60 * MB)
+    sampler = Sampler("stress")
+    sampler.start()
+    t0 = time.monotonic()
+    for i in range(1001):   # each run after the first needs the other kernel's model gone (60 + 60 > 100)
+        k, m = (a, "ma") if i % 2 == 0 else (b, "mb")
+        assert k("run", model=m)["result"] == m
+    elapsed = time.monotonic() - t0
+    sampler.stop.set()
+    sampler.join()
+    sa, sb = a("state"), b("state")
+    assert sa["for_others"] + sb["for_others"] == 1000, (sa["for_others"], sb["for_others"], elapsed)
+    assert sampler.peak <= 100 * MB
+    db = _db("stress")
+    charged = db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM charges").fetchone()[0]
+    assert charged == sum(sa["resident"].values()) + sum(sb["resident"].values()) == 60 * MB
+    assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM evictions").fetchone()[0] == 0
+    a.close()
+    b.close()
+    assert [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("kernels", "charges")] == [0, 0]
+
+
 # --------------------------------------------------------------------------- one process, the database faked
 def _fake_kernel(share: str, pid: int, started: str | None, nbytes: int, age: float) -> int:
     db = _db(share)
@@ -273,3 +301,50 @@ def test_share_may_take_leaves_free_memory_to_a_waiting_kernel_below_its_fair_sh
     assert not policy.share_may_take(1000, [D(1, 400), D(2, 100, waiting=300)], 1, 200)
     assert policy.share_may_take(1000, [D(1, 300), D(2, 100, waiting=300)], 1, 200)   # within its share
     assert policy.share_may_take(1000, [D(1, 400), D(2, 100, waiting=900)], 1, 200)   # 2 cannot use it now
+
+
+# --------------------------------------------------------------------------- two real Jupyter kernels
+def test_two_jupyter_kernels_share_one_budget(share_dir):
+    pytest.importorskip("ipykernel")
+    from jupyter_client import KernelManager
+
+    setup = ("import gpuctx\n"
+             "gpuctx.configure(device='cpu', budget='1GB', share='nb', offload=False)\n"
+             "gpuctx.model('{m}', vram='600MB')(lambda: '{m}')\n"
+             "run = gpuctx.gpu_task(model='{m}')(lambda: gpuctx.current_model())\n"
+             "print(run().result(timeout=30))\n")
+    managers, clients = [], []
+    try:
+        for i in (1, 2):
+            km = KernelManager(kernel_name="python3")
+            km.start_kernel(env=dict(os.environ, PYTHONPATH=str(ROOT), GPUCTX_SHARE_DIR=str(share_dir),
+                                     JPY_SESSION_NAME=f"notebook{i}.ipynb"))
+            kc = km.client()
+            kc.start_channels()
+            kc.wait_for_ready(timeout=60)
+            managers.append(km)
+            clients.append(kc)
+
+        def run(kc, code: str) -> str:
+            out: list[str] = []
+
+            def hook(msg):
+                if msg["msg_type"] == "stream":
+                    out.append(msg["content"]["text"])
+                elif msg["msg_type"] == "error":
+                    out.append("\n".join(msg["content"]["traceback"]))
+            reply = kc.execute_interactive(code, timeout=60, output_hook=hook)
+            assert reply["content"]["status"] == "ok", "".join(out)
+            return "".join(out)
+
+        one, two = clients
+        assert run(one, setup.format(m="m1")).strip() == "m1"
+        assert run(two, setup.format(m="m2")).strip() == "m2"   # 600 + 600 > 1000: kernel 1 evicts m1
+        assert run(one, "print(gpuctx.stats()['evictions_for_others'], gpuctx.evict())").strip() == "1 []"
+        text = run(two, "print(gpuctx.status())")
+        assert "share 'nb': 1 other kernel(s)" in text and "notebook1.ipynb: 0 B (nothing), 0 tasks" in text
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+        for km in managers:
+            km.shutdown_kernel(now=True)
