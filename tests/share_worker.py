@@ -1,6 +1,6 @@
 """A kernel for the share tests (and bench/share.py): one process, driven by JSON lines on stdin.
 
-Usage: ``python tests/share_worker.py SHARE BUDGET``. Each line in is a command, each line out
+Usage: ``python tests/share_worker.py SHARE BUDGET`` (SHARE ``-``: no share). Each line in is a command, each line out
 its answer (``{"ok": ...}``); the process exits at EOF or ``{"op": "exit"}``.
 
 Commands: ``model`` (name, vram, pin, priority: register a model whose loader returns a small
@@ -45,33 +45,40 @@ def _state() -> dict:
             "text": str(st), "html": st._repr_html_()}
 
 
+def _do(cmd: dict, out: dict) -> None:
+    op = cmd["op"]
+    if op == "model":
+        _register(cmd["name"], cmd["vram"], cmd.get("pin", False), cmd.get("priority", 0))
+    elif op == "run":
+        t0 = time.perf_counter()
+        out["result"] = _fns[cmd["model"]]().result(timeout=cmd.get("timeout", 60))
+        out["seconds"] = time.perf_counter() - t0
+    elif op == "hold":
+        ev = _held[cmd["model"]] = threading.Event()
+        task = _tasks[cmd["model"]] = _fns[cmd["model"]](ev)
+        while task.state.value != "running":   # the model is loaded and busy before we answer
+            time.sleep(0.002)
+    elif op == "release":
+        _held.pop(cmd["model"]).set()
+        _tasks.pop(cmd["model"]).result(timeout=60)
+    elif op == "state":
+        out.update(_state())
+
+
 def main() -> None:
     share, budget = sys.argv[1], int(sys.argv[2])
-    gpuctx.configure(device="cpu", budget=budget, share=share, offload=False)
+    gpuctx.configure(device="cpu", budget=budget, share=False if share == "-" else share, offload=False)
     gpuctx.scheduler()
     print(json.dumps({"ok": True, "pid": __import__("os").getpid()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        op = cmd["op"]
-        out: dict = {"ok": True}
-        if op == "model":
-            _register(cmd["name"], cmd["vram"], cmd.get("pin", False), cmd.get("priority", 0))
-        elif op == "run":
-            t0 = time.perf_counter()
-            out["result"] = _fns[cmd["model"]]().result(timeout=60)
-            out["seconds"] = time.perf_counter() - t0
-        elif op == "hold":
-            ev = _held[cmd["model"]] = threading.Event()
-            task = _tasks[cmd["model"]] = _fns[cmd["model"]](ev)
-            while task.state.value != "running":   # the model is loaded and busy before we answer
-                time.sleep(0.002)
-        elif op == "release":
-            _held.pop(cmd["model"]).set()
-            _tasks.pop(cmd["model"]).result(timeout=60)
-        elif op == "state":
-            out.update(_state())
-        elif op == "exit":
+        if cmd["op"] == "exit":
             break
+        out: dict = {"ok": True}
+        try:
+            _do(cmd, out)
+        except Exception as exc:  # noqa: BLE001 - reported to the driver (bench/share.py)
+            out.update(ok=False, error=f"{type(exc).__name__}: {exc}")
         print(json.dumps(out), flush=True)
     gpuctx.shutdown()
     print(json.dumps({"ok": True, "bye": True}), flush=True)

@@ -14,6 +14,10 @@ Protocol (all of it in :mod:`gpuctx.share._db`'s tables, one transaction per ste
    meantime declined). The engine's release writes the lower charge; the row is deleted.
 3. **Grant.** The requester's next poll finds the bytes free and takes them.
 
+Between two heartbeats each kernel reads (no write) every ``POLL`` seconds whether an eviction
+was asked of it, and a group's end wakes the heartbeat (a model just turned idle), so a
+request is seen within ``POLL``, not a whole heartbeat.
+
 A kernel never evicts another's model: it only asks. Dead kernels (SIGKILL, a crash) stop
 heartbeating; after ``STALE`` seconds without one, the next kernel to touch the share checks
 that the pid is gone or now belongs to a process with another start time, and deletes the dead
@@ -77,6 +81,7 @@ class ShareClient:
         self._lock = threading.Lock()   # one connection, used by workers, the engine and the heartbeat
         self._alone = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self.pid = os.getpid()
         with self._txn() as c:
             cur = c.execute("INSERT INTO kernels(pid, started, heartbeat, notebook) VALUES (?, ?, ?, ?)",
@@ -94,6 +99,7 @@ class ShareClient:
             return
         self._alone = True
         self._stop.set()
+        self._wake.set()
         warnings.warn(f"gpuctx: share {self.name!r} ({self.path}) cannot be reached ({type(exc).__name__}: {exc}); "
                       "this kernel works alone with its own budget from now on", RuntimeWarning, stacklevel=3)
 
@@ -147,9 +153,10 @@ class ShareClient:
             short = extra - (self.budget - sum(held.values())) - coming
             if short > 0:
                 asked = set(c.execute("SELECT kernel, model FROM evictions").fetchall())
-                models = [policy.SharedModel(k, m, n, bool(b), bool(p), pr, q, idle, lc) for k, m, n, b, p, pr, q,
-                          idle, lc in c.execute("SELECT kernel, model, nbytes, busy, pinned, priority, queued, "
-                                                "idle_for, load_cost FROM charges").fetchall() if (k, m) not in asked]
+                now = time.time()
+                models = [policy.SharedModel(k, m, n, bool(b), bool(p), pr, q, now - used, lc) for k, m, n, b, p, pr,
+                          q, used, lc in c.execute("SELECT kernel, model, nbytes, busy, pinned, priority, queued, "
+                                                   "last_used, load_cost FROM charges").fetchall() if (k, m) not in asked]
                 for k, m in policy.share_victims(models, short, me, self.budget, _with_me(demands, me, extra)) or ():
                     c.execute("INSERT OR IGNORE INTO evictions VALUES (?, ?, ?, ?, ?)", (k, m, me, model, time.time()))
             return False
@@ -182,9 +189,24 @@ class ShareClient:
             return self.budget
 
     # ------------------------------------------------------------------ the heartbeat
+    def wake(self) -> None:
+        """Beat now, not at the next tick (the engine calls this when a group ends: a model just
+        turned idle, so a kernel waiting for it need not wait a heartbeat to see it)."""
+        self._wake.set()
+
     def _beat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
+        # A full beat (a write) every HEARTBEAT, or at once when woken or asked to evict; between
+        # beats, a read every POLL looks for eviction requests, so one waits ~POLL, not a beat.
+        last = 0.0
+        while not self._stop.is_set():
+            woken = self._wake.wait(POLL)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
+                if not (woken or time.monotonic() - last >= HEARTBEAT or self._asked()):
+                    continue
+                last = time.monotonic()
                 self.beat()
             except sqlite3.Error as exc:
                 self._go_alone(exc)
@@ -192,17 +214,22 @@ class ShareClient:
                 if not self._stop.is_set():
                     self._go_alone(exc)
 
+    def _asked(self) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM evictions WHERE kernel = ? LIMIT 1", (self.id,)).fetchone() is not None
+
     def beat(self) -> int:
         """One heartbeat: publish this kernel's models, reap dead kernels, carry out the evictions
         asked of it. Returns how many it did (the heartbeat thread calls this)."""
         live, rows = self._rows()
+        now = time.time()   # idle ages become wall-clock times: comparable across processes
         with self._lock, self._txn() as c:
             if c.execute("UPDATE kernels SET heartbeat = ?, queued = ? WHERE id = ?",
                          (time.time(), live, self.id)).rowcount == 0:
                 raise sqlite3.OperationalError(f"this kernel's row (id {self.id}) was removed from the share")
-            c.executemany("UPDATE charges SET busy = ?, pinned = ?, priority = ?, queued = ?, idle_for = ?, "
+            c.executemany("UPDATE charges SET busy = ?, pinned = ?, priority = ?, queued = ?, last_used = ?, "
                           "load_cost = ? WHERE kernel = ? AND model = ?",
-                          [(int(b), int(p), pr, q, idle, lc, self.id, m) for m, _n, b, p, pr, q, idle, lc in rows])
+                          [(int(b), int(p), pr, q, now - idle, lc, self.id, m) for m, _n, b, p, pr, q, idle, lc in rows])
             _db.reap(c, self.id, time.time(), STALE)
             asked = c.execute("SELECT e.model, e.requester, k.pid, k.notebook FROM evictions e LEFT JOIN kernels k "
                               "ON k.id = e.requester WHERE e.kernel = ?", (self.id,)).fetchall()
@@ -244,6 +271,7 @@ class ShareClient:
     def close(self) -> None:
         """Leave the share: stop the heartbeat, delete this kernel's rows, close the database."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._lock:

@@ -14,8 +14,8 @@ Tables::
     kernels(id, pid, started, heartbeat,     one row per live kernel; ``started`` is the process's start
             notebook, queued)                time (/proc), so a reused pid is not the dead kernel
     charges(kernel, model, nbytes, busy,     bytes charged per model, with what victim choice needs;
-            pinned, priority, queued,        published by the owner's heartbeat
-            idle_for, load_cost)
+            pinned, priority, queued,        published by the owner's heartbeat (last_used:
+            last_used, load_cost)           wall-clock seconds, comparable across processes)
     requests(kernel, model, need, since)     a claim that did not fit: the kernel waits
     evictions(kernel, model, requester,      "please evict": posted by a requester, carried out by the
               for_model, posted)             owner's housekeeping, then deleted
@@ -31,7 +31,7 @@ import tempfile
 
 from ..errors import ConfigError, ShareError
 
-SCHEMA = 1
+SCHEMA = 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 _TABLES = """
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS kernels(id INTEGER PRIMARY KEY AUTOINCREMENT, pid INT
     heartbeat REAL NOT NULL, notebook TEXT, queued INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS charges(kernel INTEGER NOT NULL, model TEXT NOT NULL, nbytes INTEGER NOT NULL,
     busy INTEGER NOT NULL DEFAULT 1, pinned INTEGER NOT NULL DEFAULT 0, priority INTEGER NOT NULL DEFAULT 0,
-    queued INTEGER NOT NULL DEFAULT 0, idle_for REAL NOT NULL DEFAULT 0, load_cost REAL NOT NULL DEFAULT 1,
+    queued INTEGER NOT NULL DEFAULT 0, last_used REAL NOT NULL DEFAULT 0, load_cost REAL NOT NULL DEFAULT 1,
     PRIMARY KEY(kernel, model));
 CREATE TABLE IF NOT EXISTS requests(kernel INTEGER NOT NULL, model TEXT NOT NULL, need INTEGER NOT NULL,
     since REAL NOT NULL, PRIMARY KEY(kernel, model));
