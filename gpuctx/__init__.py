@@ -51,6 +51,7 @@ from .errors import (
     ModelLoadError,
     Overloaded,
     SchedulerClosed,
+    ShareError,
     WaitDeadlock,
 )
 from .models import QoS
@@ -77,7 +78,7 @@ __all__ = [
     "parse_size", "format_size", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB",
     # errors
     "GpuCtxError", "ConfigError", "CycleError", "BudgetError", "AdmissionError", "DependencyError",
-    "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "WaitDeadlock",
+    "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "ShareError", "WaitDeadlock",
     "load_ipython_extension", "unload_ipython_extension", "__version__",
 ]
 

@@ -72,6 +72,7 @@ def configure(**settings: Any) -> Config:
     | `trace_capacity` | `100000` | Events the trace keeps (an int >= 1); the oldest go first. |
     | `cpu_workers` | `2` | Threads of the pool that runs CPU-routed tasks (an int >= 1), made at the first such task. |
     | `progress` | `False` | The default of [`wait`][gpuctx.wait]'s `progress`: show a tqdm bar. |
+    | `share` | `None` | Kernels of this user configured with the same share name keep one budget between them and ask each other to evict idle models (docs: *Sharing a GPU between notebooks*). A name of letters, digits, `.`, `_`, `-`; `None` or `True`: the default share (on a GPU its UUID, on the CPU none); `False`: work alone. |
 
     Args:
         **settings: the settings to change, by name (see the table); e.g. `budget="20GB"`.
@@ -82,7 +83,9 @@ def configure(**settings: Any) -> Config:
     Raises:
         ConfigError: an unknown setting or a bad value (the message names both); a `device`
             change while models are loaded or tasks are live; a `budget` below the bytes
-            committed now (evict models first).
+            committed now (evict models first); a `share` name with path characters.
+        ShareError: the share's database is corrupt, owned by another user or readable by
+            others (the message names the file and what to do); nothing changed.
     """
     global _config, _shut
     with _lock:
@@ -91,8 +94,14 @@ def configure(**settings: Any) -> Config:
             from .device import make_device
 
             make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
+        if isinstance(settings.get("share"), str):
+            from . import share as _share
+
+            _share.probe(settings["share"])   # ShareError now, with nothing changed
         if _sched is not None and not _sched.closed:
             _sched.reconfigure(**settings)
+            if "share" in settings:
+                _follow_share(_sched, new.share, strict=True)
         _config = new
         _shut = False
         return new
@@ -130,8 +139,19 @@ def scheduler() -> Scheduler:
                 s.on_memory_pressure(h)
             for name, (mq, ov) in _queue_limits.items():
                 s.set_queue_limits(name, mq, ov)
+            _follow_share(s, _config.share, strict=False)
             _sched = s
         return _sched
+
+
+def _follow_share(s: Scheduler, setting: Any, strict: bool) -> None:
+    """Join (or leave) the share ``setting`` names; gpuctx.share (and sqlite3) is imported only
+    when there is one to join or leave."""
+    if s.share is None and (setting is False or (setting in (None, True) and s.device.name == "cpu")):
+        return
+    from . import share as _share
+
+    _share.follow(s, setting, strict)
 
 
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
@@ -156,6 +176,10 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
         _shut = True
     if s is not None:
         s.shutdown(wait=wait, cancel_pending=cancel_pending)
+        if s.share is not None:
+            from . import share as _share
+
+            _share.leave(s)
 
 
 def reset() -> None:

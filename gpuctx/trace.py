@@ -87,7 +87,8 @@ class StatsReport(dict):
     def to_text(self) -> str:
         """A readable table."""
         lines = [f"tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
-                 f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")]
+                 f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")
+                 + (f", evictions for other kernels {self['evictions_for_others']}" if self.get('evictions_for_others') else "")]
         lines.append(f"{'model':<14}{'loads':>6}{'unloads':>8}{'offl':>6}{'rest':>6}{'load s':>8}{'tasks':>7}"
                      f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}")
         for name, m in self["models"].items():
@@ -121,6 +122,7 @@ class Stats:
     def __init__(self) -> None:
         self.models: dict[str, _ModelStats] = {}
         self.tasks = self.failed = self.model_switches = 0
+        self.evictions_for_others = 0   # evictions another kernel of the share asked for
         self.peak_vram = 0
         self.budget: int | None = None
         self._submitted: dict[int, float] = {}
@@ -165,6 +167,8 @@ class Stats:
             m.restore_seconds += duration or 0.0
         elif k in ("evict", "keep_alive"):
             self._m(model).evictions += 1
+        elif k == "share_evict":
+            self.evictions_for_others += 1
 
     def task_ended(self, model: str | None, submitted: float | None, started: float | None, ended: float,
                    reason: str | None = None) -> None:
@@ -196,7 +200,8 @@ class Stats:
                 "run_p50": _pct(runs, 0.5), "run_p95": _pct(runs, 0.95), "run_max": max(runs, default=0.0),
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
-                           tasks=self.tasks, failed=self.failed, models=models)
+                           tasks=self.tasks, failed=self.failed, evictions_for_others=self.evictions_for_others,
+                           models=models)
 
 
 class Trace:
