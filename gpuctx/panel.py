@@ -258,7 +258,7 @@ def _head_text(p: Panel) -> str:
     if p.note and not p.models and p.budget == 0:
         return f"gpuctx: {p.note}"
     head = (f"gpuctx on {p.device}: budget {format_size(p.budget)}, used {format_size(p.committed)}, "
-            f"free {format_size(p.free)}; tasks {p.live} live, {p.running} running, {p.done} done, {p.failed} failed")
+            f"free {format_size(p.free)}\ntasks: {p.live} live, {p.running} running, {p.done} done, {p.failed} failed")
     if not p.healthy:
         head += " - UNHEALTHY: " + "; ".join(p.problems)
     return head
@@ -280,7 +280,7 @@ def _runs(cells: Iterable) -> list[tuple[int, int, Any]]:
     return out
 
 
-_MODEL_COLUMNS = ("model", "state", "size", "counted", "pin", "qos", "prio", "queued", "deps", "running", "oldest wait")
+_MODEL_COLUMNS = ("model", "state", "size", "counted", "pin", "qos", "prio", "queued", "deps", "running", "oldest")
 
 
 def _model_cells(m: ModelLine) -> tuple:
@@ -293,7 +293,7 @@ def render_html(p: Panel) -> str:
     """The panel as one HTML fragment (inline styles and SVG: no script, no stylesheet)."""
     e = html.escape
     out = ["<div class='gpuctx-dash' style='font:12px/1.4 monospace;max-width:780px'>",
-           f"<div class='gpuctx-head'><b>{e(_head_text(p))}</b></div>"]
+           f"<div class='gpuctx-head'><b>{e(_head_text(p)).replace(chr(10), '<br>')}</b></div>"]
     if p.budget:
         segs = "".join(
             f"<div title='{e(m.name)} {format_size(m.used)}' style='width:{100 * m.used / p.budget:.2f}%;"
@@ -304,10 +304,11 @@ def render_html(p: Panel) -> str:
             "<tr>" + f"<td><span style='color:{_PALETTE[m.colour]}'>&#9632;</span> {e(m.name)}</td>"
             + "".join(f"<td>{e(str(v))}</td>" for v in _model_cells(m)[1:]) + "</tr>" for m in p.models)
         head = "".join(f"<th style='text-align:left;padding-right:8px'>{c}</th>" for c in _MODEL_COLUMNS)
-        out.append(f"<table class='gpuctx-models'><tr>{head}</tr>{rows}</table>")
-    out.append("<div><b>loads</b>: " + ("; ".join(e(_load_text(x)) for x in p.loads) or "none yet") + "</div>")
-    out.append("<div><b>last evictions</b>: " + ("; ".join(e(_eviction_text(x)) for x in p.evictions) or "none")
-               + "</div>")
+        out.append(f"<table class='gpuctx-models' style='font-size:11px'><tr>{head}</tr>{rows}</table>")
+    for title, items in (("loads", [_load_text(x) for x in p.loads] or ["none yet"]),
+                         ("last evictions", [_eviction_text(x) for x in p.evictions] or ["none"])):
+        out.append(f"<div><b>{title}</b><div style='padding-left:1em'>"
+                   + "".join(f"<div>{e(i)}</div>" for i in items) + "</div></div>")
     out.append(_timeline_svg(p))
     peers = _NO_PEERS if p.peers is None else "; ".join(p.peers) or "none"
     out.append(f"<div><b>other kernels and workers</b>: {e(peers)}</div></div>")
@@ -319,8 +320,8 @@ def _timeline_svg(p: Panel) -> str:
     width = label + COLUMNS * cw
     height = lh * max(1, len(p.lanes)) + 14
     colour = {m.name: _PALETTE[m.colour] for m in p.models}
-    parts = [f"<div><b>last {p.window:g} s</b></div><svg class='gpuctx-timeline' width='{width}' height='{height}' "
-             f"xmlns='http://www.w3.org/2000/svg' style='background:#fafafa'>"]
+    parts = [f"<div><b>last {p.window:g} s</b></div><svg class='gpuctx-timeline' viewBox='0 0 {width} {height}' "
+             f"width='100%' xmlns='http://www.w3.org/2000/svg' style='background:#fafafa;max-width:{width}px'>"]
     for row, lane in enumerate(p.lanes):
         y = row * lh
         parts.append(f"<text x='2' y='{y + 11}' font-size='11'>{html.escape(lane.context[:14])}</text>")
@@ -365,7 +366,7 @@ def render_text(p: Panel, width: int = 100, colour: bool = False) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(_MODEL_COLUMNS))]
         for r in rows:
             lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-    lines.append("loads: " + ("; ".join(_load_text(x) for x in p.loads) or "none yet"))
+    lines.append("loads:" + ("".join(f"\n  {_load_text(x)}" for x in p.loads) or " none yet"))
     lines.append("last evictions:" + ("".join(f"\n  {_eviction_text(x)}" for x in p.evictions) or " none"))
     lines.append(f"timeline, last {p.window:g} s (a run: the model's glyph; a load ':'; an eviction 'v'):")
     cols = max(10, min(COLUMNS, width - 18))
