@@ -151,10 +151,10 @@ class Panel:
                       i % len(_PALETTE))
             for i, m in enumerate(st.models))
         colour = {m.name: m.colour for m in models}
-        totals = trace.stats.as_dict()
+        totals = trace.stats   # the running counts only: as_dict() would sort every wait sample each refresh
         loads, evictions = _residency(trace.residency(), now)
         return cls(st.device, st.budget, st.committed, st.healthy, st.problems, models, len(st.tasks),
-                   sum(running.values()), totals["tasks"], totals["failed"], loads, evictions,
+                   sum(running.values()), totals.tasks, totals.failed, loads, evictions,
                    _lanes(trace.since(now - window), now, window, colour), window, _peers(st))
 
 
@@ -194,16 +194,15 @@ def _lanes(events: list, now: float, window: float, colour: dict[str, int]) -> t
 
     starts: dict[int, Any] = {}
     loading: dict[str, float] = {}
-    ended: set[int] = set()
     for e in events:
         if e.kind == "start":
             starts[e.task] = e
         elif e.kind == "end":
             s = starts.pop(e.task, None)
-            if s is not None or e.task not in ended:
-                paint((s.context if s is not None else e.context) or e.model or "?", s.t if s is not None else t0,
-                      e.t, "run", e.model or "?")
-            ended.add(e.task)
+            if s is not None:
+                paint(s.context or e.model or "?", s.t, e.t, "run", e.model or "?")
+            elif e.reason is None:   # it ran from before the window (a failed or cancelled one may never have)
+                paint(e.context or e.model or "?", t0, e.t, "run", e.model or "?")
         elif e.kind == "load_start":
             loading[e.model] = e.t
         elif e.kind in ("load_end", "restore"):

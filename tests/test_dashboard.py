@@ -17,8 +17,6 @@ from gpuctx.__main__ import main
 from gpuctx.device.cpu import CpuDevice
 from gpuctx.trace import LoadBars
 
-pytest.importorskip("ipywidgets")   # the `notebook` extra; the `test` extra installs it
-
 TIMEOUT = 10
 
 
@@ -59,6 +57,7 @@ def count_sends(d: panel.Dashboard) -> list:
 
 @pytest.fixture
 def board(fresh):
+    pytest.importorskip("ipywidgets")   # the `notebook` extra; the `test` extra installs it
     made: list[panel.Dashboard] = []
 
     def make(**kw) -> panel.Dashboard:
@@ -117,6 +116,7 @@ def test_closing_the_widget_stops_the_thread_and_nothing_is_sent_after(board):
 
 
 def test_no_update_is_sent_after_unload_ext(fresh):
+    pytest.importorskip("ipywidgets")
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext gpuctx")
     gpuctx.configure(device="cpu", budget="10GB", safety_factor=1.0)
@@ -278,3 +278,15 @@ def test_a_long_wait_shows_a_task_bar_when_progress_is_on(fresh, capsys):
     f = gpuctx.gpu_task(model="m", vram="1GB")(lambda x: x)
     gpuctx.wait([f(i) for i in range(7)], timeout=TIMEOUT)
     assert "7/7" in capsys.readouterr().err
+
+
+def test_a_task_cancelled_before_it_started_is_not_drawn_as_a_run(fresh, gate):
+    opened, started = gate(), gate()
+    blocker = gpuctx.gpu_task(model="a", vram="1GB")(lambda: started.set() or opened.wait(TIMEOUT))()
+    assert started.wait(TIMEOUT)
+    later = gpuctx.gpu_task(model="c", vram="1GB")(lambda: 1).options(after=[blocker])()
+    assert later.cancel()
+    lanes = {lane.context: lane for lane in panel.Panel.of(gpuctx.scheduler(), window=60).lanes}
+    assert "c" not in lanes and ("run", "a") in lanes["a"].cells
+    opened.set()
+    blocker.result(TIMEOUT)
