@@ -19,6 +19,7 @@ from .api import (
     create_context,
     current_device,
     current_model,
+    dashboard,
     evict,
     explain,
     export_trace,
@@ -73,7 +74,7 @@ __all__ = [
     # streams and events
     "get_stream", "record_event", "wait_event",
     # observing
-    "stats", "status", "timeline", "export_trace",
+    "stats", "status", "timeline", "export_trace", "dashboard",
     # sizes
     "parse_size", "format_size", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB",
     # errors

@@ -6,7 +6,8 @@ carried out here without it (:meth:`_Residency._evict_marked`), by the thread th
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 from .. import policy
 from ..errors import BudgetError, ConfigError, ModelLoadError
@@ -48,8 +49,11 @@ class _Residency:
                 slot_to(slot, policy.RESIDENT)
             return True
         t0 = self._clock()
+        what = "restore" if was_offloaded else "load"
         with self._cond:
-            self.trace.record("load_start", model=slot.name, context=slot.name, nbytes=size, t=t0)
+            self.trace.record("load_start", model=slot.name, context=slot.name, nbytes=size, t=t0,
+                              reason="restore" if was_offloaded else None)
+        self._tell_residency("start", what, slot.name, size, None)
         token = _current.set(_Frame(slot.name, None, self._device.name, None))
         try:
             measured = None
@@ -59,6 +63,7 @@ class _Residency:
                 obj, measured = self._with_oom_retry(slot, self._device.load, (slot.name, slot.loader))
         except BaseException as exc:  # noqa: BLE001 - a loader may raise anything
             self._load_failed(slot, exc, was_offloaded)
+            self._tell_residency("failed", what, slot.name, size, self._clock() - t0)
             return False
         finally:
             _current.reset(token)
@@ -71,17 +76,36 @@ class _Residency:
             slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
             if measured is not None or slot.size_source == "auto":
                 warn, victims = self._apply_measured_locked(slot, measured)
-            kind = "restore" if was_offloaded else "load_end"
-            self.trace.record(kind, model=slot.name, context=slot.name, nbytes=self._ledger.used.get(slot.name, 0),
-                              duration=dt, vram=self._ledger.committed())
-            used = self._ledger.used.get(slot.name, 0)
-        if self._share is not None and used != size:   # measured at load: the share is charged what it took
-            self._share_claim(slot.name, used)
+            nbytes = self._ledger.used.get(slot.name, 0)
+            self.trace.record("restore" if was_offloaded else "load_end", model=slot.name, context=slot.name,
+                              nbytes=nbytes, duration=dt, vram=self._ledger.committed())
+        if self._share is not None and nbytes != size:   # measured at load: the share is charged what it took
+            self._share_claim(slot.name, nbytes)
+        self._tell_residency("end", what, slot.name, nbytes, dt)
         for v in victims:
             self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
         if warn:
             _warn_at(self._origins.get(slot.name), warn)
         return True
+
+    # Listeners of loads and restores (progress bars): a tuple replaced, never mutated, so the
+    # worker reads it without the lock; they are called without the lock, on the loading thread.
+    _residency_listeners: tuple = ()
+
+    def on_residency(self, listener: Callable[[str, str, str, int, float | None], Any]) -> None:
+        """Call ``listener(phase, kind, model, nbytes, seconds)`` when a load or restore
+        (``kind``: "load" or "restore") starts (``phase`` "start", ``seconds`` None), ends
+        ("end") or fails ("failed"); never under the lock. An error it raises is a warning."""
+        with self._cond:
+            self._residency_listeners = self._residency_listeners + (listener,)
+
+    def _tell_residency(self, phase: str, kind: str, model: str, nbytes: int, seconds: float | None) -> None:
+        for listener in self._residency_listeners:
+            try:
+                listener(phase, kind, model, nbytes, seconds)
+            except Exception as exc:  # noqa: BLE001 - a display hook must not fail a load
+                warnings.warn(f"gpuctx: residency listener {listener!r} raised {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=2)
 
     def _apply_measured_locked(self, slot: Slot, measured: int | None) -> tuple[str | None, tuple[str, ...]]:
         """Count what the load really took; warn when the declaration was >10% low; evict to stay in budget."""
