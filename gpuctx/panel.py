@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 from .errors import ConfigError
 from .status import Status
 from .units import format_size
+from .units import format_size
 
 __all__ = ["Panel", "ModelLine", "LoadLine", "EvictionLine", "Lane", "Dashboard", "render_html", "render_text",
            "open_dashboard", "close_all", "top"]
@@ -220,7 +221,9 @@ def _lanes(events: list, now: float, window: float, colour: dict[str, int]) -> t
 
 def _peers(st: Status) -> tuple[str, ...] | None:
     """Rows a shared budget or a cluster adds to the status (any of ``_PEER_FIELDS``), as text; None when none does."""
-    for name in _PEER_FIELDS:
+    if getattr(st, "share", None) is not None:   # a shared budget: one row per other kernel
+        return _kernel_rows(st)
+    for name in _PEER_FIELDS[1:]:
         rows = getattr(st, name, None)
         if rows is None:
             continue
@@ -230,6 +233,15 @@ def _peers(st: Status) -> tuple[str, ...] | None:
             rows = [rows]
         return tuple(_describe(r) for r in rows)
     return None
+
+
+def _kernel_rows(st: Status) -> tuple[str, ...]:
+    rows = [f"share {st.share!r}: {len(st.others)} other kernel(s)"]
+    for k in st.others:
+        models = ", ".join(f"{m} {format_size(b)}" for m, b in k.models) or "no models"
+        wait = f", waits for {format_size(k.waiting)}" if k.waiting else ""
+        rows.append(f"{k.who}: {models} ({format_size(k.nbytes)}), {k.queued} queued{wait}")
+    return tuple(rows)
 
 
 def _describe(row: Any) -> str:

@@ -178,13 +178,19 @@ def test_text_and_html_are_drawn_from_one_panel_with_evictions_loads_and_peers(f
     assert bar.startswith("[") and bar.count("#") == round(88 * 3 / 5) and bar.count(".") == 88 - round(88 * 3 / 5)
     assert p.peers is None and "this kernel only" in text
 
-    class Shared:   # a status that a shared budget has extended
-        share = ("kernel 4711: 2 GB", "kernel 4712: 1 GB")
+    from gpuctx.status import KernelRow
+    from gpuctx.units import GB, MB
 
-    assert panel._peers(Shared()) == Shared.share
-    shared = panel.Panel(**{**p.__dict__, "peers": Shared.share})
-    assert "kernel 4711: 2 GB; kernel 4712: 1 GB" in panel.render_text(shared)
-    assert "kernel 4711: 2 GB" in panel.render_html(shared)
+    class Shared:   # a status that a shared budget has extended
+        share = "lab"
+        others = (KernelRow(4711, "train.ipynb", 2 * GB, (("qwen3", 2 * GB),), 3, 0),
+                  KernelRow(4712, None, 1 * GB, (("clap", 1 * GB),), 0, 512 * MB))
+    rows = panel._peers(Shared())
+    assert rows == ("share 'lab': 2 other kernel(s)", "train.ipynb: qwen3 2 GB (2 GB), 3 queued",
+                    "pid 4712: clap 1 GB (1 GB), 0 queued, waits for 512 MB")
+    shared = panel.Panel(**{**p.__dict__, "peers": rows})
+    assert "train.ipynb: qwen3 2 GB (2 GB), 3 queued" in panel.render_text(shared)
+    assert "pid 4712: clap 1 GB" in panel.render_html(shared)
 
 
 def test_top_once_prints_one_frame_of_this_processes_scheduler(fresh, capsys):
