@@ -1,0 +1,336 @@
+"""Issue 18 on the CPU: free eviction (clean host copies), pipelined restore, partial-load planning.
+
+The module offload/restore code the CUDA backend runs (``gpuctx.device.hostcopy``) is driven here
+through a fake transport: "device" tensors are host tensors the transport made, copies are
+counted, events are tokens and the waits a forward makes are recorded.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import gpuctx  # noqa: E402
+from gpuctx.device.hostcopy import HostCopies, choose_host_drops, offload_module, restore_module  # noqa: E402
+from gpuctx.device.pipeline import (GroupWaits, execution_order, plan_groups, plan_partial,  # noqa: E402
+                                    traced_order)
+
+
+class FakeTransport:
+    """A device made of host tensors: those this transport created are "on the device"."""
+
+    def __init__(self) -> None:
+        self._device: list = []          # kept alive, so no host tensor ever reuses their addresses
+        self.h2d = self.d2h = 0
+        self.fences = 0
+        self.marks: list[str] = []
+        self.waited: list[str] = []
+
+    def _ptrs(self) -> set:
+        return {t.data_ptr() for t in self._device}
+
+    def on_device(self, t):
+        return t.numel() > 0 and t.data_ptr() in self._ptrs()
+
+    def where(self, t):
+        return "fake:0"
+
+    def to_host(self, t):
+        self.d2h += t.numel() * t.element_size()
+        return t.detach().clone()
+
+    def to_device(self, t, where):
+        assert where == "fake:0"
+        c = t.detach().clone()
+        self._device.append(c)
+        self.h2d += t.numel() * t.element_size()
+        return c
+
+    def fence(self):
+        self.fences += 1
+
+    def mark(self):
+        self.marks.append(f"event{len(self.marks)}")
+        return self.marks[-1]
+
+    def wait(self, event):
+        self.waited.append(event)
+
+    def checksum(self, tensors):
+        from gpuctx.device.hostcopy import _checksum
+
+        return _checksum(torch, tensors)
+
+    def same(self, a, b):
+        return bool(torch.equal(a, b))
+
+
+def _net(width: int = 16, depth: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def _on_device(net, tr: FakeTransport):
+    """Put ``net`` "on the device" the way a first load would: every tensor replaced by a device copy."""
+    for p in [*net.parameters(), *net.buffers()]:
+        p.data = tr.to_device(p.data, "fake:0")
+    tr.h2d = 0
+    return net
+
+
+def _bytes(net) -> int:
+    return sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+
+
+def _cycle(store, tr, net, group_bytes=None):
+    """offload, then restore: the state just after a restore of an offloaded model."""
+    assert offload_module(store, tr, "m", net) is False
+    restore_module(store, tr, "m", net, "fake:0", group_bytes)
+
+
+# --------------------------------------------------------------------------- free eviction
+def test_evicting_an_unmodified_model_copies_nothing_back_and_keeps_its_bytes_counted():
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(), tr)
+    x = torch.randn(3, 16)
+    expected = net(x)
+    _cycle(store, tr, net)
+    nbytes = _bytes(net)
+    assert tr.d2h == nbytes and tr.h2d == nbytes
+    assert all(tr.on_device(p) for p in net.parameters())
+    assert store.used == nbytes and store.clean_copies() == nbytes   # the clean copy stays counted
+
+    net(x)                                         # inference does not write weights
+    assert offload_module(store, tr, "m", net) is True
+    assert tr.d2h == nbytes                        # nothing copied back
+    assert not any(tr.on_device(p) for p in net.parameters())
+    assert store.used == nbytes and store.clean_copies() == 0 and store.free_evictions == 1
+    restore_module(store, tr, "m", net, "fake:0", None)
+    assert torch.equal(net(x), expected)
+
+
+@pytest.mark.parametrize("write", ["optimizer step", "in-place add", "load_state_dict", "rebind", "buffer"])
+def test_a_modified_model_is_copied_back_bit_exact(write):
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)), tr)
+    _cycle(store, tr, net)
+    before = tr.d2h
+    if write == "optimizer step":
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        net(torch.randn(4, 8)).sum().backward()
+        opt.step()
+    elif write == "in-place add":
+        with torch.no_grad():
+            net[0].bias.add_(1.0)
+    elif write == "load_state_dict":
+        state = {k: v + 1 for k, v in net.state_dict().items()}
+        net.load_state_dict(state)
+    elif write == "rebind":
+        net[0].weight.data = tr.to_device(torch.ones(8, 8), "fake:0")
+    else:
+        net.train()
+        net(torch.randn(4, 8))                      # batch norm's running stats are buffers, written in place
+    now = [t.detach().clone() for t in [*net.parameters(), *net.buffers()]]
+    assert offload_module(store, tr, "m", net) is False
+    assert tr.d2h > before and store.copy_backs == 1
+    assert all(torch.equal(a, b) for a, b in zip([*net.parameters(), *net.buffers()], now))
+    assert store.used == tr.d2h - before            # the stale copy's bytes went, the new copy's came
+
+
+def test_a_write_through_data_escapes_version_counters_and_a_checksum_catches_it():
+    for verify, free in (("version", True), ("checksum", False)):
+        tr, store = FakeTransport(), HostCopies(verify=verify)
+        net = _on_device(torch.nn.Linear(4, 4), tr)
+        _cycle(store, tr, net)
+        net.weight.data.add_(1.0)                   # `.data` has its own version counter
+        changed = net.weight.detach().clone()
+        assert offload_module(store, tr, "m", net) is free, verify
+        if not free:
+            assert torch.equal(net.weight, changed)
+
+
+def test_a_checksummed_unmodified_model_is_still_evicted_free():
+    tr, store = FakeTransport(), HostCopies(verify="checksum")
+    net = _on_device(_net(), tr)
+    _cycle(store, tr, net, group_bytes=1)           # checksum mode restores in one piece
+    assert tr.marks == [] and tr.fences >= 2
+    assert offload_module(store, tr, "m", net) is True
+
+
+def test_keep_clean_off_gives_the_host_bytes_back_at_restore():
+    tr, store = FakeTransport(), HostCopies(keep_clean=False)
+    net = _on_device(_net(), tr)
+    _cycle(store, tr, net)
+    assert store.used == 0
+    assert offload_module(store, tr, "m", net) is False
+
+
+def test_unknown_verify_mode_is_a_config_error():
+    with pytest.raises(gpuctx.ConfigError, match=r"verify='hash': expected one of 'version', 'checksum'"):
+        HostCopies(verify="hash")
+
+
+def test_host_budget_drops_clean_copies_least_recently_used_first_never_an_only_copy():
+    tr = FakeTransport()
+    nets = {n: _on_device(torch.nn.Linear(16, 16), tr) for n in "abc"}
+    size = _bytes(nets["a"])
+    store = HostCopies(budget=2 * size)
+    _cycle(store, tr, nets["a"])                    # a: resident, clean copy (droppable)
+    _cycle(store, tr, nets["b"])                    # b: resident, clean copy, used after a
+    offload_module(store, tr, "c", nets["c"])      # needs room: a's clean copy goes (least recently used)
+    assert store.get(nets["a"]) is None and store.get(nets["b"]).resident and store.dropped == 1
+    assert store.used == 2 * size
+    offload_module(store, tr, "a", nets["a"])      # a needs room too: b's clean copy goes; c's only copy stays
+    assert store.get(nets["b"]) is None and not store.get(nets["c"]).resident
+    with pytest.raises(gpuctx.BudgetError, match=r"offload of 'b': .*host_budget=.*already held"):
+        offload_module(store, tr, "b", nets["b"])  # only copies left: nothing may go
+    assert store.used == 2 * size and all(tr.on_device(p) for p in nets["b"].parameters())
+
+
+def test_choose_host_drops_is_lru_and_all_or_nothing():
+    cands = [("x", 10, 3), ("y", 5, 1), ("z", 7, 2)]
+    assert choose_host_drops(cands, 0) == []
+    assert choose_host_drops(cands, 5) == ["y"]
+    assert choose_host_drops(cands, 6) == ["y", "z"]
+    assert choose_host_drops(cands, 22) == ["y", "z", "x"]
+    assert choose_host_drops(cands, 23) is None
+
+
+def test_a_module_dropped_while_resident_gives_its_clean_copy_back():
+    import gc
+
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(), tr)
+    _cycle(store, tr, net)
+    assert store.used > 0
+    del net
+    gc.collect()
+    assert store.used == 0
+
+
+# --------------------------------------------------------------------------- pipelined restore
+def test_restore_in_groups_waits_per_group_in_forward_order_then_removes_its_hooks():
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(width=16, depth=4), tr)  # 4 Linear layers of 1088 bytes
+    x = torch.randn(2, 16)
+    expected = net(x)
+    offload_module(store, tr, "m", net)
+    waits = restore_module(store, tr, "m", net, "fake:0", group_bytes=2000)   # 2 layers a group
+    assert tr.marks == ["event0", "event1"] and waits.active
+    assert all(tr.on_device(p) for p in net.parameters())
+    assert tr.waited == []                          # the host waited for nothing
+    out = net(x)
+    assert tr.waited == ["event0", "event1"] and not waits.active
+    assert all(not m._forward_pre_hooks for m in net.modules())
+    assert torch.equal(out, expected)
+    net(x)
+    assert tr.waited == ["event0", "event1"]        # hooks gone: no more waits
+
+
+def test_groups_follow_execution_order_and_each_waits_once_even_out_of_order():
+    class Backwards(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.first(self.second(x))
+
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(Backwards(), tr)
+    assert execution_order(net) == [net.first, net.second]
+    assert traced_order(net, lambda: net(torch.randn(1, 64))) == [net.second, net.first]
+    assert not any(m._forward_pre_hooks for m in net.modules())
+    offload_module(store, tr, "m", net)
+    waits = restore_module(store, tr, "m", net, "fake:0", group_bytes=1)
+    net(torch.randn(1, 64))
+    assert tr.waited == ["event1", "event0"] and not waits.active   # a later event implies the earlier copies
+
+
+def test_an_eviction_before_every_group_ran_removes_the_hooks_and_waits_for_the_last_copy():
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(), tr)
+    offload_module(store, tr, "m", net)
+    waits = restore_module(store, tr, "m", net, "fake:0", group_bytes=1)
+    assert waits.active and len(tr.marks) == 4
+    assert offload_module(store, tr, "m", net) is True
+    assert not waits.active and tr.waited == ["event3"]
+
+
+def test_a_pipelined_restore_matches_a_plain_one():
+    outs = []
+    for group_bytes in (None, 1, 3000, 10**9):
+        tr, store = FakeTransport(), HostCopies()
+        net = _on_device(_net(width=24, depth=5), tr)
+        offload_module(store, tr, "m", net)
+        restore_module(store, tr, "m", net, "fake:0", group_bytes)
+        torch.manual_seed(1)
+        outs.append(net(torch.randn(4, 24)))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_plan_groups_rule():
+    mb = 1 << 20
+    assert plan_groups([], 32 * mb) == []
+    assert plan_groups([10 * mb] * 7, 32 * mb) == [range(0, 4), range(4, 7)]     # 40 MB, then 30 MB (>= half)
+    assert plan_groups([10 * mb] * 5, 32 * mb) == [range(0, 5)]                  # a 10 MB tail joins
+    assert plan_groups([100 * mb, 1, 1], 32 * mb) == [range(0, 3)]
+    assert plan_groups([5, 5, 5], 0) == [range(0, 1), range(1, 2), range(2, 3)]  # 0: per layer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 100), max_size=30), st.integers(0, 300))
+def test_plan_groups_covers_every_layer_once_in_order(sizes, min_bytes):
+    groups = plan_groups(sizes, min_bytes)
+    assert [i for g in groups for i in g] == list(range(len(sizes)))
+    for g in groups[:-1]:
+        assert sum(sizes[i] for i in g) >= min_bytes
+
+
+def test_group_waits_needs_one_event_per_group():
+    with pytest.raises(ValueError, match="2 groups but 1 events"):
+        GroupWaits([[torch.nn.Linear(1, 1)], [torch.nn.Linear(1, 1)]], ["e"], lambda e: None)
+
+
+# --------------------------------------------------------------------------- partial loading (planning)
+def test_plan_partial_keeps_the_longest_prefix_that_fits_with_its_buffers():
+    sizes = [10, 10, 10, 10, 10]
+    plan = plan_partial(sizes, budget=35)
+    assert plan.resident == (0,) and plan.streamed == (1, 2, 3, 4)
+    assert plan.buffer_bytes == 20 and plan.charged == 30 and plan.resident_fraction == pytest.approx(0.2)
+    full = plan_partial(sizes, budget=50)
+    assert full.streamed == () and full.buffer_bytes == 0 and full.resident_fraction == 1.0
+    assert plan_partial(sizes, budget=19) is None                  # two buffers of 10 do not fit
+    one = plan_partial([10, 10], budget=40, buffers=2)
+    assert one.streamed == () and one.charged == 20
+    # the largest layer streamed sets the buffer size: keeping it resident can make more fit
+    big_first = plan_partial([40, 5, 5, 5], budget=50)
+    assert big_first.resident == (0,) and big_first.buffer_bytes == 10 and big_first.charged == 50
+    assert plan_partial([5, 5, 5, 40], budget=50) is None          # 40 streamed twice never fits
+    with pytest.raises(ValueError, match="budget=-1"):
+        plan_partial(sizes, budget=-1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 50), max_size=20), st.integers(0, 400), st.integers(1, 3))
+def test_plan_partial_never_exceeds_the_budget_and_no_longer_prefix_fits(sizes, budget, buffers):
+    plan = plan_partial(sizes, budget, buffers)
+
+    def charged(k):
+        rest = sizes[k:]
+        return sum(sizes[:k]) + (min(buffers, len(rest)) * max(rest) if rest else 0)
+
+    if plan is None:
+        assert all(charged(k) > budget for k in range(len(sizes) + 1))
+        return
+    k = len(plan.resident)
+    assert plan.charged == charged(k) <= budget
+    assert plan.resident + plan.streamed == tuple(range(len(sizes)))
+    assert all(charged(j) > budget for j in range(k + 1, len(sizes) + 1))
