@@ -334,3 +334,102 @@ def test_plan_partial_never_exceeds_the_budget_and_no_longer_prefix_fits(sizes, 
     assert plan.charged == charged(k) <= budget
     assert plan.resident + plan.streamed == tuple(range(len(sizes)))
     assert all(charged(j) > budget for j in range(k + 1, len(sizes) + 1))
+
+
+def test_a_module_with_a_tied_weight_waits_for_the_group_that_copied_it():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(32, 32, bias=False)
+            self.mid = torch.nn.Linear(32, 32)
+            self.head = torch.nn.Linear(32, 32, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.mid(self.head(x))           # the tied head runs before the module that owns it
+
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(Tied(), tr)
+    x = torch.randn(2, 32)
+    expected = net(x)
+    offload_module(store, tr, "m", net)
+    restore_module(store, tr, "m", net, "fake:0", group_bytes=1)
+    assert net.head.weight is net.embed.weight and tr.on_device(net.head.weight)
+    out = net(x)
+    assert tr.waited[0] == "event0"                 # the head waited for the embedding's copy
+    assert torch.equal(out, expected)
+
+
+# --------------------------------------------------------------------------- partial loading (streaming)
+class _Lane(FakeTransport):
+    """One copy lane of the fake device; counts the streamed bytes on the card at any moment."""
+
+    def __init__(self, name, meter):
+        super().__init__()
+        self.name, self.meter = name, meter
+
+    def to_device(self, t, where):
+        c = t.detach().clone()                       # not kept alive: freed when the layer gives it back
+        self.meter["made"].add(c.data_ptr())
+        return c
+
+    def mark(self):                                  # a layer's copies were queued and bound: count the card
+        if "net" in self.meter:
+            self.meter["peak"] = max(self.meter["peak"], _on_card(self.meter))
+        return f"{self.name}:{super().mark()}"
+
+
+def _partial_setup(budget, depth=6, width=16):
+    from gpuctx.device.partial import place_partial
+
+    net = _net(width=width, depth=depth)            # on the host, as a partial loader returns it
+    x = torch.randn(3, width)
+    expected = net(x)
+    meter = {"made": set(), "peak": 0}
+    lanes = [_Lane("a", meter), _Lane("b", meter)]
+    handle = place_partial(net, budget, lanes, "fake:0", pin=lambda t: t.clone())
+    meter["net"] = net
+    return net, x, expected, lanes, meter, handle
+
+
+def _on_card(meter):
+    return sum(p.numel() * p.element_size() for p in meter["net"].parameters() if p.data_ptr() in meter["made"])
+
+
+def test_a_partial_model_runs_with_its_prefix_resident_and_the_rest_streamed_within_budget():
+    layer = 16 * 16 * 4 + 16 * 4                    # 1088 bytes per Linear
+    net, x, expected, lanes, meter, handle = _partial_setup(budget=4 * layer)
+    plan = handle.plan
+    assert plan.resident == (0, 1) and plan.streamed == (2, 3, 4, 5)
+    assert plan.buffer_bytes == 2 * layer and plan.charged == 4 * layer
+    assert plan.resident_fraction == pytest.approx(2 / 6)
+    assert _on_card(meter) == 2 * layer              # only the prefix went to the card
+    with torch.no_grad():                            # inference: nothing keeps a streamed copy alive
+        for _ in range(3):
+            assert torch.equal(net(x), expected)
+    assert handle.streamer.peak == 2 and handle.streamer.fetches == 12
+    assert meter["peak"] == plan.charged <= 4 * layer   # in-flight copies included, never above the budget
+    assert _on_card(meter) == 2 * layer              # every streamed layer went back after its forward
+    assert not handle.streamer.on_card
+    waited = lanes[0].waited                         # the computing stream waited per streamed layer
+    assert len(waited) == 12 and {w.split(":")[0] for w in waited} == {"a", "b"}
+    handle.remove()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
+def test_a_partial_model_whose_buffers_alone_do_not_fit_is_refused_unchanged():
+    net, x, expected, lanes, meter, handle = _partial_setup(budget=1000)
+    assert handle is None and not meter["made"]
+    assert all(not m._forward_pre_hooks for m in net.modules())
+    assert torch.equal(net(x), expected)
+
+
+def test_tied_weights_stay_resident_in_a_partial_model():
+    from gpuctx.device.partial import partial_layers
+
+    m = torch.nn.Module()
+    m.a = torch.nn.Linear(4, 4, bias=False)
+    m.b = torch.nn.Linear(4, 4, bias=False)
+    m.b.weight = m.a.weight
+    layers, shared = partial_layers(m)
+    assert [len(items) for _, items in layers] == [0, 0] and len(shared) == 1

@@ -432,19 +432,33 @@ def restore_module(store: HostCopies, tr: Transport, what: str, module: Any, def
 
 
 def _groups(module: Any, items: list[tuple[Any, str]], group_bytes: int) -> list[tuple[list, list]]:
-    """``items`` split into (modules, items) groups of at least ``group_bytes``, in execution order;
-    an item belongs to the first module in that order that owns it (tied weights once)."""
+    """``items`` split into (modules, items) groups of at least ``group_bytes``, in execution order.
+
+    An item is copied with the first module in that order that owns it (tied weights once); a
+    module waits in the group of the last of its tensors to be copied, so a module whose tied
+    weight came with an earlier module still waits for it, whichever of the two runs first.
+    """
     of_tensor: dict[int, list] = {}
     for it in items:
         of_tensor.setdefault(id(it[0]), []).append(it)
     layers: list[tuple[Any, list]] = []
+    owners: list[tuple[Any, list[int]]] = []
     for m in execution_order(module):
-        its = [it for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-               for it in of_tensor.pop(id(t), ())]
+        own = [id(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]]
+        its = [it for t in own for it in of_tensor.pop(t, ())]
         if its:
             layers.append((m, its))
+        owners.append((m, own))
     leftover = [it for its in of_tensor.values() for it in its]   # tensors no module owns directly
     if leftover:
         layers.append((module, leftover))
+        owners.append((module, [id(o) for o, _ in leftover]))
     sizes = [span_bytes([getattr(o, a) for o, a in its]) for _, its in layers]
-    return [([layers[i][0] for i in g], [it for i in g for it in layers[i][1]]) for g in plan_groups(sizes, group_bytes)]
+    plan = plan_groups(sizes, group_bytes)
+    group_of = {id(o): g for g, r in enumerate(plan) for i in r for o, _ in layers[i][1]}
+    hooked: list[list] = [[] for _ in plan]
+    for m, own in owners:
+        gs = [group_of[t] for t in own if t in group_of]
+        if gs:
+            hooked[max(gs)].append(m)
+    return [(hooked[g], [it for i in r for it in layers[i][1]]) for g, r in enumerate(plan)]
