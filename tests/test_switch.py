@@ -7,6 +7,8 @@ counted, events are tokens and the waits a forward makes are recorded.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -362,16 +364,20 @@ def test_a_module_with_a_tied_weight_waits_for_the_group_that_copied_it():
 
 # --------------------------------------------------------------------------- partial loading (streaming)
 class _Lane(FakeTransport):
-    """One copy lane of the fake device; counts the streamed bytes on the card at any moment."""
+    """One copy lane of the fake device; the meter counts what the module points at on the card."""
 
     def __init__(self, name, meter):
         super().__init__()
         self.name, self.meter = name, meter
 
     def to_device(self, t, where):
-        c = t.detach().clone()                       # not kept alive: freed when the layer gives it back
+        c = t.detach().clone()
+        self.meter["alive"].append(c)                # kept, so no host tensor ever reuses its address
         self.meter["made"].add(c.data_ptr())
         return c
+
+    def on_device(self, t):
+        return t.numel() > 0 and t.data_ptr() in self.meter["made"]
 
     def mark(self):                                  # a layer's copies were queued and bound: count the card
         if "net" in self.meter:
@@ -385,15 +391,16 @@ def _partial_setup(budget, depth=6, width=16):
     net = _net(width=width, depth=depth)            # on the host, as a partial loader returns it
     x = torch.randn(3, width)
     expected = net(x)
-    meter = {"made": set(), "peak": 0}
+    meter = {"made": set(), "alive": [], "peak": 0}
     lanes = [_Lane("a", meter), _Lane("b", meter)]
     handle = place_partial(net, budget, lanes, "fake:0", pin=lambda t: t.clone())
-    meter["net"] = net
+    meter["net"] = weakref.ref(net)
     return net, x, expected, lanes, meter, handle
 
 
 def _on_card(meter):
-    return sum(p.numel() * p.element_size() for p in meter["net"].parameters() if p.data_ptr() in meter["made"])
+    net = meter["net"]()
+    return sum(p.numel() * p.element_size() for p in net.parameters() if p.data_ptr() in meter["made"])
 
 
 def test_a_partial_model_runs_with_its_prefix_resident_and_the_rest_streamed_within_budget():
@@ -433,3 +440,106 @@ def test_tied_weights_stay_resident_in_a_partial_model():
     m.b.weight = m.a.weight
     layers, shared = partial_layers(m)
     assert [len(items) for _, items in layers] == [0, 0] and len(shared) == 1
+
+
+# --------------------------------------------------------------------------- the engine with a streaming fake device
+class StreamingDevice(gpuctx.device.CpuDevice):
+    """A CPU device that offloads, restores and places partial models through the real module code
+    (``hostcopy``, ``partial``) on a fake transport: what CudaDevice does, minus CUDA."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget=budget)
+        self.name = "streaming"
+        self.meter = {"made": set(), "alive": [], "peak": 0}
+        self.tr = _Lane("a", self.meter)
+        self.lanes = [self.tr, _Lane("b", self.meter)]
+        self.store = HostCopies()
+        self.placed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def host_budget(self):
+        return self.store.budget
+
+    @host_budget.setter
+    def host_budget(self, value):
+        self.store.budget = value
+
+    def can_offload(self, obj):
+        return isinstance(obj, torch.nn.Module)
+
+    def offload(self, context, obj):
+        handle = self.placed.pop(obj, None)
+        if handle is not None:
+            handle.remove()
+        offload_module(self.store, self.tr, context, obj)
+        return obj
+
+    def restore(self, context, obj):
+        restore_module(self.store, self.tr, context, obj, "fake:0", group_bytes=1)
+        return obj
+
+    def place_partial(self, context, obj, nbytes):
+        from gpuctx.device.partial import place_partial
+
+        self.store.forget(obj)
+        handle = place_partial(obj, nbytes, self.lanes, "fake:0", pin=lambda t: t.clone())
+        if handle is None:
+            return None
+        self.placed[obj] = handle
+        self.meter["net"] = weakref.ref(obj)
+        return handle.plan.resident_fraction
+
+
+def test_a_partial_model_runs_through_the_scheduler_within_budget_and_status_shows_its_fraction():
+    from gpuctx.engine import Config, Scheduler, TaskSpec
+    from gpuctx.status import Status
+
+    layer = 16 * 16 * 4 + 16 * 4
+    dev = StreamingDevice(budget=5 * layer)        # big's share (4 layers) and small (2) do not fit together
+    sched = Scheduler(Config(safety_factor=1.0), device=dev)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = _net(width=16, depth=6)(x)
+
+    def run(v):
+        with torch.no_grad():
+            return gpuctx.current_model()(v)
+
+    try:
+        sched.register_model("big", lambda: _net(width=16, depth=6), vram=4 * layer, partial=True)
+        sched.register_model("small", lambda: _on_device(torch.nn.Linear(16, 16), dev.tr), vram=2 * layer)
+        for model in ("big", "small", "big"):
+            out = sched.submit(TaskSpec(fn=run, name="f", model=model), (x,), {}).result(30)
+            if model == "big":
+                assert torch.equal(out, expected)
+                status = Status.of(sched)
+                row = next(m for m in status.models if m.name == "big")
+                assert row.resident_fraction == pytest.approx(2 / 6) and "partial 33% resident" in str(status)
+                assert row.used == 4 * layer
+        kinds = [(e.kind, e.model) for e in sched.trace.events if e.kind in ("offload", "restore", "load_end")]
+        assert kinds == [("load_end", "big"), ("offload", "big"), ("load_end", "small"), ("offload", "small"),
+                         ("restore", "big")]
+        assert dev.meter["peak"] <= 4 * layer         # on the card: the prefix and the in-flight layers, in its share
+        assert max(e.vram or 0 for e in sched.trace.events) <= 5 * layer
+    finally:
+        sched.shutdown()
+
+
+def test_partial_needs_a_declared_share_and_on_the_cpu_device_loads_whole(fresh):
+    with pytest.raises(gpuctx.ConfigError, match=r"partial=True with vram=None: expected partial=True with vram="):
+        gpuctx.model("p", partial=True)(lambda: None)
+    with pytest.raises(gpuctx.ConfigError, match=r"partial='yes'"):
+        gpuctx.model("p", vram="1MB", partial="yes")(lambda: None)
+
+    @gpuctx.model("whole", vram=900, partial=True)
+    def load():
+        return torch.nn.Linear(16, 16)             # 1088 bytes: more than its declared share
+
+    @gpuctx.gpu_task(model="whole")
+    def f(v):
+        return gpuctx.current_model()(v).shape
+
+    with pytest.warns(RuntimeWarning, match=r"measured 1.09 kB at load, more than 10% above the declared vram=900"):
+        assert f(torch.randn(1, 16)).result(30) == (1, 16)
+    row = next(m for m in gpuctx.status().models if m.name == "whole")
+    assert row.resident_fraction is None and row.used == 1088   # the fallback: all of it, counted

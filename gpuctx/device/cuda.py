@@ -51,6 +51,7 @@ from ..errors import BudgetError, ConfigError
 from ..units import MiB, format_size, parse_size
 from .base import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
 from .hostcopy import HostCopies, _checksum, _copies, _module_items, _rebind, offload_module, restore_module
+from .partial import PartialHandle, place_partial
 from .pipeline import GROUP_BYTES
 
 __all__ = ["cuda_available", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
@@ -234,6 +235,8 @@ class CudaDevice:
         self._host = HostCopies(None if host_budget is None else parse_size(host_budget, arg="host_budget"))
         self.restore_group_bytes: int | None = GROUP_BYTES   # None: one blocking copy per restore
         self._copy_stream: Any = None
+        self._copy_lanes: list = []
+        self._partials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> PartialHandle
         self._nvml_handle: Any = None
         self._per_stream = False
         self._context_bytes = CONTEXT_ESTIMATE
@@ -609,6 +612,9 @@ class CudaDevice:
         try:
             with torch.cuda.device(self.index), torch.cuda.stream(stream):
                 if isinstance(obj, torch.nn.Module):
+                    partial = self._partials.pop(obj, None)
+                    if partial is not None:   # streamed layers are on the host already; the prefix moves
+                        partial.remove()
                     offload_module(self._host, self._transport(stream), context, obj)
                     result = obj
                 else:
@@ -668,6 +674,36 @@ class CudaDevice:
         self._host.forget(obj)
         self._bump(context)
         return result
+
+    def place_partial(self, context: str, obj: Any, nbytes: int) -> float | None:
+        """Run ``obj`` (a torch module on the host, or offloaded) with only part of it on the card.
+
+        The longest prefix of its layers that fits in ``nbytes`` together with two streamed
+        layers in flight goes to the card; the rest is pinned and streamed per forward on two
+        copy streams (:mod:`.partial`). Returns the resident fraction (1.0: all of it fitted),
+        or None (``obj`` unchanged) when not even streaming every layer fits, or ``obj`` is no module.
+        """
+        torch = self._need_torch("place_partial")
+        if not isinstance(obj, torch.nn.Module):
+            return None
+        stream = self.get_stream(context)
+        with self._lock:
+            while len(self._copy_lanes) < 2:
+                self._copy_lanes.append(torch.cuda.Stream(device=self.index))
+        lanes = [_CudaTransport(torch, stream, s) for s in self._copy_lanes]
+        self._host.forget(obj)   # an offloaded partial model comes back as a placement, not a restore
+        with torch.cuda.device(self.index):
+            handle = place_partial(obj, nbytes, lanes, torch.device("cuda", self.index),
+                                   pin=lambda t: t if t.is_pinned() else t.pin_memory())
+        if handle is None:
+            return None
+        self._partials[obj] = handle
+        self._bump(context)
+        return handle.plan.resident_fraction
+
+    def partial_of(self, obj: Any) -> PartialHandle | None:
+        """The placement of a partial model (its plan, its streamer), or None."""
+        return self._partials.get(obj)
 
     def _transport(self, stream: Any) -> "_CudaTransport":
         """How a module's tensors move: D2H on ``stream`` (the context's), H2D on the copy stream."""

@@ -47,6 +47,15 @@ def partial_layers(module: Any) -> tuple[list[tuple[Any, list]], list]:
     return layers, list(shared.values())
 
 
+def _to_host(tr: Transport, items: list) -> None:
+    """Bring the items that are on the device to the host first (a loader that returned part of the model there)."""
+    on = [it for it in items if tr.on_device(getattr(*it))]
+    if on:
+        copies = [tr.to_host(getattr(o, a)) for o, a in on]
+        tr.fence()
+        _rebind(on, copies)
+
+
 def _bytes(items: list) -> int:
     return span_bytes([getattr(o, a) for o, a in items])
 
@@ -130,6 +139,7 @@ def place_partial(module: Any, budget: int, lanes: Sequence[Transport], where: A
     device at ``where``, pin the rest and stream it per forward on the copy ``lanes``; None (and
     ``module`` unchanged) when not even streaming every layer fits."""
     layers, shared = partial_layers(module)
+    _to_host(tr := lanes[0], [*shared, *[it for _, items in layers for it in items]])
     base = _bytes(shared)
     sizes = [_bytes(items) for _, items in layers]
     plan = plan_partial(sizes, budget - base, buffers) if budget >= base else None
@@ -137,7 +147,6 @@ def place_partial(module: Any, budget: int, lanes: Sequence[Transport], where: A
         return None
     plan = PartialPlan(plan.resident, plan.streamed, plan.resident_bytes + base, plan.buffer_bytes,
                        plan.total_bytes + base)
-    tr = lanes[0]
     resident = [*shared, *[it for i in plan.resident for it in layers[i][1]]]
     copies = [tr.to_device(getattr(o, a), where) for o, a in resident]
     tr.fence()
