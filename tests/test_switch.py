@@ -543,3 +543,37 @@ def test_partial_needs_a_declared_share_and_on_the_cpu_device_loads_whole(fresh)
         assert f(torch.randn(1, 16)).result(30) == (1, 16)
     row = next(m for m in gpuctx.status().models if m.name == "whole")
     assert row.resident_fraction is None and row.used == 1088   # the fallback: all of it, counted
+
+
+# --------------------------------------------------------------------------- graphs that survive a restore (detection only)
+class _FakeDriver:
+    def __init__(self, init=0, attribute=0, value=1):
+        self.init, self.attribute, self.value = init, attribute, value
+
+    def cuInit(self, flags):
+        return self.init
+
+    def cuDeviceGet(self, ptr, index):
+        ptr._obj.value = index
+        return 0
+
+    def cuDeviceGetAttribute(self, ptr, attr, dev):
+        assert attr == 102
+        ptr._obj.value = self.value
+        return self.attribute
+
+
+def test_vmm_support_is_detected_and_every_missing_piece_is_a_reason_not_an_error():
+    from types import SimpleNamespace
+
+    from gpuctx.device.cuda import vmm_support
+
+    ok, why = vmm_support(0, _FakeDriver())
+    assert ok and "captured again" in why
+    assert vmm_support(0, _FakeDriver(value=0)) == (False, "the device does not support virtual memory management")
+    assert vmm_support(0, _FakeDriver(init=3)) == (False, "cuInit failed")
+    assert vmm_support(0, _FakeDriver(attribute=1))[1].endswith("(too old)")
+    old_driver = SimpleNamespace(cuInit=lambda f: 0, cuDeviceGet=lambda p, i: 0)
+    assert vmm_support(0, old_driver)[1].startswith("the driver library lacks an entry point")
+    ok, why = vmm_support(0)                       # this machine: whatever it has, never an exception
+    assert isinstance(ok, bool) and why

@@ -54,7 +54,7 @@ from .hostcopy import HostCopies, _checksum, _copies, _module_items, _rebind, of
 from .partial import PartialHandle, place_partial
 from .pipeline import GROUP_BYTES
 
-__all__ = ["cuda_available", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
+__all__ = ["cuda_available", "vmm_support", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
 
 CONTEXT_ESTIMATE = 400 * MiB
 """Bytes assumed for our CUDA context when it existed before :class:`CudaDevice` could measure it."""
@@ -154,6 +154,54 @@ def _is_oom_exception(exc: BaseException) -> bool:
         if cls.__name__ == "OutOfMemoryError" and cls.__module__.split(".")[0] in _OOM_PACKAGES:
             return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+# --------------------------------------------------------------------------- CUDA virtual memory (cuMem*)
+_CU_VMM_ATTRIBUTE = 102   # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+
+
+def _driver_library() -> Any:
+    """The CUDA driver library through ctypes (libcuda.so.1, nvcuda.dll), or None where it is absent."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", ctypes.util.find_library("cuda")):
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def vmm_support(index: int = 0, lib: Any = None) -> tuple[bool, str]:
+    """Whether card ``index``'s driver offers virtual memory management (cuMemCreate/cuMemMap), and why not.
+
+    This is what would let a restore put weights back at the same virtual addresses, so captured
+    CUDA graphs replay without a recapture (vLLM's sleep mode, torch_memory_saver). gpuctx only
+    detects it so far: a restore still lands at new addresses and graphs are captured again once
+    (``graphs`` drops them when the context's generation changes). ``lib``: the driver library
+    (tests pass a fake); found through ctypes when None.
+    """
+    import ctypes
+
+    lib = _driver_library() if lib is None else lib
+    if lib is None:
+        return False, "no CUDA driver library (libcuda) found"
+    try:
+        if lib.cuInit(0) != 0:
+            return False, "cuInit failed"
+        dev, value = ctypes.c_int(0), ctypes.c_int(0)
+        if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0:
+            return False, f"cuDeviceGet({index}) failed"
+        if lib.cuDeviceGetAttribute(ctypes.byref(value), _CU_VMM_ATTRIBUTE, dev) != 0:
+            return False, "the driver does not know the virtual-memory attribute (too old)"
+    except (AttributeError, OSError) as exc:
+        return False, f"the driver library lacks an entry point ({exc})"
+    if value.value != 1:
+        return False, "the device does not support virtual memory management"
+    return True, "supported by the driver; not used yet: graphs are captured again after a restore"
 
 
 # --------------------------------------------------------------------------- NVML, initialised once
