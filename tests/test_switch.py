@@ -577,3 +577,20 @@ def test_vmm_support_is_detected_and_every_missing_piece_is_a_reason_not_an_erro
     assert vmm_support(0, old_driver)[1].startswith("the driver library lacks an entry point")
     ok, why = vmm_support(0)                       # this machine: whatever it has, never an exception
     assert isinstance(ok, bool) and why
+
+
+def test_the_gpu_bench_lists_the_switch_rows_and_imports_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "gpu.py"), "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=root)
+    assert out.returncode == 0 and "--switch" in out.stdout
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import gpu_switch
+    finally:
+        sys.path.remove(str(root / "bench"))
+    assert callable(gpu_switch.switch_rows)

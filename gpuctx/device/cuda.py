@@ -50,7 +50,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from ..errors import BudgetError, ConfigError
 from ..units import MiB, format_size, parse_size
 from .base import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
-from .hostcopy import HostCopies, _checksum, _copies, _module_items, _rebind, offload_module, restore_module
+from .hostcopy import HostCopies, _checksum, _module_items, offload_module, restore_module
 from .partial import PartialHandle, place_partial
 from .pipeline import GROUP_BYTES
 
