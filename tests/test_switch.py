@@ -31,6 +31,7 @@ class FakeTransport:
         self.fences = 0
         self.marks: list[str] = []
         self.waited: list[str] = []
+        self.blocked: list[str] = []
 
     def _ptrs(self) -> set:
         return {t.data_ptr() for t in self._device}
@@ -61,6 +62,14 @@ class FakeTransport:
 
     def wait(self, event):
         self.waited.append(event)
+
+    def done(self):
+        self.marks.append(f"done{len(self.marks)}")
+        return self.marks[-1]
+
+    def block(self, event):
+        if event is not None:
+            self.blocked.append(event)
 
     def checksum(self, tensors):
         from gpuctx.device.hostcopy import _checksum
@@ -420,6 +429,10 @@ def test_a_partial_model_runs_with_its_prefix_resident_and_the_rest_streamed_wit
     assert not handle.streamer.on_card
     waited = lanes[0].waited                         # the computing stream waited per streamed layer
     assert len(waited) == 12 and {w.split(":")[0] for w in waited} == {"a", "b"}
+    # each lane's next copy waited (on the host) for the compute of the layer it copied before:
+    # 12 fetches, 6 per lane, all but each lane's first
+    assert len(lanes[0].blocked) == len(lanes[1].blocked) == 5
+    assert all(e.startswith("done") for e in lanes[0].blocked + lanes[1].blocked)
     handle.remove()
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
 

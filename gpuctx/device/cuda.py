@@ -864,6 +864,16 @@ class _CudaTransport:
         else:
             torch.cuda.current_stream().wait_event(event)
 
+    def done(self) -> Any:
+        event = self._torch.cuda.Event()
+        event.record(self._torch.cuda.current_stream())
+        return event
+
+    @staticmethod
+    def block(event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+
     def checksum(self, tensors: list) -> Any:
         return _checksum(self._torch, tensors).cpu()   # 16 bytes, and no cross-stream use of the result later
 

@@ -309,6 +309,12 @@ class Transport(Protocol):
     def wait(self, event: Any) -> None:
         """Make the calling thread's current stream wait for ``event`` (a group's first forward)."""
 
+    def done(self) -> Any:
+        """An event on the calling thread's current stream: the work queued there so far (None: none)."""
+
+    def block(self, event: Any) -> None:
+        """Block the host until ``event`` completed (None: return at once)."""
+
     def checksum(self, tensors: list) -> Any:
         """A checksum of the tensors' bytes, computed where they are."""
 

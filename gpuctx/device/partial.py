@@ -156,14 +156,20 @@ def place_partial(module: Any, budget: int, lanes: Sequence[Transport], where: A
         _rebind(items, [pin(getattr(o, a)) for o, a in items])
     host = {i: [getattr(o, a) for o, a in items] for i, items in streamed_items.items()}
     lane_of = {i: lanes[k % len(lanes)] for k, i in enumerate(plan.streamed)}
+    freed: dict[int, Any] = {}   # lane -> the event after the compute of the layer it copied last
 
     def fetch(i: int) -> Any:
         lane = lane_of[i]
-        items = streamed_items[i]
-        _rebind(items, [lane.to_device(h, where) for h in host[i]])
+        # The host runs ahead of the GPU: without this wait it would queue copies for every layer,
+        # and the allocator, which frees a block only once the compute that used it is done, would
+        # hold them all at once. Waiting for the lane's previous layer bounds the card to the plan.
+        lane.block(freed.pop(id(lane), None))
+        _rebind(streamed_items[i], [lane.to_device(h, where) for h in host[i]])
         return lane.mark()
 
     def give_back(i: int) -> None:
+        lane = lane_of[i]
+        freed[id(lane)] = lane.done()
         _rebind(streamed_items[i], host[i])
 
     streamer = LayerStreamer([m for m, _ in layers], plan.streamed, fetch, tr.wait, give_back, buffers)
