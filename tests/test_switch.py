@@ -528,6 +528,7 @@ def test_a_partial_model_runs_through_the_scheduler_within_budget_and_status_sho
                 status = Status.of(sched)
                 row = next(m for m in status.models if m.name == "big")
                 assert row.resident_fraction == pytest.approx(2 / 6) and "partial 33% resident" in str(status)
+                assert "resident (33% resident)" in status._repr_html_()
                 assert row.used == 4 * layer
         kinds = [(e.kind, e.model) for e in sched.trace.events if e.kind in ("offload", "restore", "load_end")]
         assert kinds == [("load_end", "big"), ("offload", "big"), ("load_end", "small"), ("offload", "small"),
@@ -607,3 +608,12 @@ def test_the_gpu_bench_lists_the_switch_rows_and_imports_without_cuda():
     finally:
         sys.path.remove(str(root / "bench"))
     assert callable(gpu_switch.switch_rows)
+
+
+def test_restoring_a_resident_module_keeps_its_clean_copy():
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(), tr)
+    _cycle(store, tr, net)
+    assert restore_module(store, tr, "m", net, "fake:0") is None   # nothing on the host to bring back
+    assert store.clean_copies() == _bytes(net)
+    assert offload_module(store, tr, "m", net) is True

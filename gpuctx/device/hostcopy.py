@@ -408,6 +408,8 @@ def restore_module(store: HostCopies, tr: Transport, what: str, module: Any, def
         items = [(o, a) for o, a in items if id(o) in moved]
     else:
         items = _module_items(torch, module, lambda t: not tr.on_device(t))
+    if not items:
+        return None   # nothing on the host (already resident): a clean copy kept stays as it is
     host = [getattr(o, a) for o, a in items]
 
     def target(o: Any) -> Any:
@@ -416,7 +418,7 @@ def restore_module(store: HostCopies, tr: Transport, what: str, module: Any, def
     made: dict = {}
     if store.verify == "checksum":
         group_bytes = None   # the checksum reads the arrived bytes: wait for them
-    if group_bytes is None or not items:
+    if group_bytes is None:
         copies = _copies(items, lambda o, t: tr.to_device(t, target(o)), made)
         tr.fence()
         _rebind(items, copies)
