@@ -617,3 +617,39 @@ def test_restoring_a_resident_module_keeps_its_clean_copy():
     assert restore_module(store, tr, "m", net, "fake:0") is None   # nothing on the host to bring back
     assert store.clean_copies() == _bytes(net)
     assert offload_module(store, tr, "m", net) is True
+
+
+def test_a_failed_copy_leaves_the_module_on_the_device_and_gives_its_bytes_back():
+    class Failing(FakeTransport):
+        def to_host(self, t):
+            raise RuntimeError("pinning refused")
+
+    tr, store = Failing(), HostCopies()
+    net = _on_device(_net(), tr)
+    with pytest.raises(RuntimeError, match="pinning refused"):
+        offload_module(store, tr, "m", net)
+    assert store.used == 0 and store.get(net) is None
+    assert all(tr.on_device(p) for p in net.parameters())
+
+
+def test_the_engine_evicts_a_restored_unmodified_model_for_free():
+    from gpuctx.engine import Config, Scheduler, TaskSpec
+
+    dev = StreamingDevice(budget=10**6)
+    sched = Scheduler(Config(safety_factor=1.0), device=dev)
+    x = torch.randn(2, 16)
+
+    def run(v):
+        with torch.no_grad():
+            return gpuctx.current_model()(v)
+
+    try:
+        sched.register_model("m", lambda: _on_device(_net(), dev.tr), vram=10**5)
+        expected = sched.submit(TaskSpec(fn=run, name="f", model="m"), (x,), {}).result(30)
+        for _ in range(2):
+            assert sched.evict("m") == ["m"] and sched.slot("m").state == "offloaded"
+            assert torch.equal(sched.submit(TaskSpec(fn=run, name="f", model="m"), (x,), {}).result(30), expected)
+        assert sched.evict("m") == ["m"]
+        assert dev.store.free_evictions == 2 and dev.store.copy_backs == 0   # only the first eviction copied
+    finally:
+        sched.shutdown()
