@@ -653,3 +653,14 @@ def test_the_engine_evicts_a_restored_unmodified_model_for_free():
         assert dev.store.free_evictions == 2 and dev.store.copy_backs == 0   # only the first eviction copied
     finally:
         sched.shutdown()
+
+
+def test_a_state_dict_of_a_model_still_arriving_waits_for_the_last_copy():
+    tr, store = FakeTransport(), HostCopies()
+    net = _on_device(_net(), tr)
+    offload_module(store, tr, "m", net)
+    waits = restore_module(store, tr, "m", net, "fake:0", group_bytes=1)
+    net.state_dict()
+    assert tr.waited == ["event3"] and waits.active     # the forward hooks stay for the forwards
+    net(torch.randn(1, 16))
+    assert not waits.active and not net._state_dict_pre_hooks

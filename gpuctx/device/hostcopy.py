@@ -430,7 +430,7 @@ def restore_module(store: HostCopies, tr: Transport, what: str, module: Any, def
         events.append(tr.mark())
         group_items.append((mods, its, copies))
     order = [it for _, its, _ in group_items for it in its]
-    waits = GroupWaits([mods for mods, _, _ in group_items], events, tr.wait)
+    waits = GroupWaits([mods for mods, _, _ in group_items], events, tr.wait, root=module)
     _rebind(order, [c for _, _, cs in group_items for c in cs])
     host_of = {(id(o), a): h for (o, a), h in zip(items, host)}
     store.restored(module, order, [host_of[id(o), a] for o, a in order], tr.checksum)

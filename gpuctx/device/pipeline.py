@@ -98,7 +98,8 @@ class GroupWaits:
     group has, all hooks are removed. ``waited`` lists the group indices in the order they waited.
     """
 
-    def __init__(self, groups: Sequence[Sequence[Any]], events: Sequence[Any], wait: Callable[[Any], None]) -> None:
+    def __init__(self, groups: Sequence[Sequence[Any]], events: Sequence[Any], wait: Callable[[Any], None],
+                 root: Any = None) -> None:
         if len(groups) != len(events):
             raise ValueError(f"GroupWaits: {len(groups)} groups but {len(events)} events; expected one event per group")
         self.waited: list[int] = []
@@ -109,6 +110,10 @@ class GroupWaits:
             for m in mods:
                 self._handles.append(m.register_forward_pre_hook(self._hook(i)))
         self._done = not self._handles
+        if root is not None and self._handles:
+            # state_dict() reads every weight without a forward (a checkpoint saved in a task): the
+            # reading stream waits for the last copy. Reads through .parameters() cannot be hooked.
+            self._handles.append(root.register_state_dict_pre_hook(lambda m, prefix, keep: wait(self._events[-1])))
 
     def _hook(self, i: int) -> Callable:
         def pre_hook(module: Any, args: Any) -> None:
