@@ -221,7 +221,7 @@ _load_bars = _LoadBars(_show_progress)   # every scheduler's residency listener:
 def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: bool = False,
           keep_alive: float | str | None = None, unload: Callable[[Any], Any] | None = None,
           offload: bool | None = None, max_queue: int | None = None,
-          overflow: str | None = None) -> Callable[[F], F]:
+          overflow: str | None = None, partial: bool = False) -> Callable[[F], F]:
     """Register the decorated function as the loader of model `name`; it is returned unchanged.
 
     The loader takes no arguments and returns the model object; it runs when a task of the
@@ -247,6 +247,14 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         overflow: what a submit does when the queue is full: `"block"` (wait for room),
             `"reject"` (raise [`Overloaded`][gpuctx.Overloaded]) or `"drop_oldest"` (the oldest
             queued task fails with `Overloaded`). Default `None`: unchanged (initially `"block"`).
+        partial: `True`: the model may be larger than what it gets on the card. `vram=` is then
+            the bytes it may use there (required): the longest prefix of its layers that fits
+            with two streamed layers in flight stays resident, the rest is streamed from pinned
+            host memory per forward on two copy streams; `status()` shows the resident
+            fraction. The loader returns the model on the host (CPU). For inference: a
+            backward pass would keep every streamed layer alive. Where the device cannot
+            stream (the CPU device) the whole model is loaded and counted at its measured
+            size. Default `False`.
 
     Returns:
         A decorator that registers the loader and returns it unchanged.
@@ -272,7 +280,7 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         origin = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__"), caller.f_globals)
         del caller
         kw = dict(loader=loader, vram=vram, priority=priority, pin=pin, keep_alive=ka, unload=unload,
-                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin)
+                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin, partial=partial)
         with _lock:
             scheduler().register_model(name, **kw)
             _models[name] = kw

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .models import QoS
+from .policy import RESIDENT
 from .units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,7 @@ class ModelRow:
     queued: int
     pending: int
     last_used: float
+    resident_fraction: float | None = None   # a partial model's share on the card (None: not partial)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class Status:
         view = sched.view()
         models = tuple(
             ModelRow(s.name, s.state, s.size, s.size_source, charge, s.priority, QoS.name(s.qos),
-                     s.pin, s.loads, s.queued, s.pending, s.last_used)
+                     s.pin, s.loads, s.queued, s.pending, s.last_used,
+                     s.resident_fraction if s.state == RESIDENT else None)
             for s, charge in view.slots
         )
         tasks = tuple(TaskRow(t.id, t.name, t.model, t.state.value, t.device if t.device == "cpu" else t.model)
@@ -119,6 +122,7 @@ class Status:
                 f"  {m.name:<14} {m.state:<9} {format_size(m.size):>9} ({m.size_source}) counted {format_size(m.used):>9} "
                 f"prio {m.priority} {m.qos.lower()}{' pinned' if m.pinned else ''} loads {m.loads} "
                 f"queued {m.queued} waiting {m.pending}"
+                + ("" if m.resident_fraction is None else f" partial {m.resident_fraction:.0%} resident")
             )
         running = [t for t in self.tasks if t.state == "running"]
         lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
@@ -140,7 +144,8 @@ class Status:
         cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting")
         rows = "".join(
             "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
-                m.name, m.state, f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
+                m.name, m.state + ("" if m.resident_fraction is None else f" ({m.resident_fraction:.0%} resident)"),
+                f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
                 m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)) + "</tr>"
             for m in self.models
         )

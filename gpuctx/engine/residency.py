@@ -55,12 +55,21 @@ class _Residency:
                               reason="restore" if was_offloaded else None)
         self._tell_residency("start", what, slot.name, size, None)
         token = _current.set(_Frame(slot.name, None, self._device.name, None))
+        place = getattr(self._device, "place_partial", None) if slot.partial else None
+        fraction = None
         try:
             measured = None
-            if was_offloaded:
+            if was_offloaded and place is not None:
+                obj = slot.obj   # the streamed part stayed pinned on the host: place it again
+            elif was_offloaded:
                 obj = self._with_oom_retry(slot, self._device.restore, (slot.name, slot.obj))
             else:
                 obj, measured = self._with_oom_retry(slot, self._device.load, (slot.name, slot.loader))
+            if place is not None:   # its share is what it declared, whatever the load measured
+                measured, fraction = None, place(slot.name, obj, size)
+                if fraction is None:
+                    raise BudgetError(f"partial=True with vram={format_size(size)}: two of its largest layers "
+                                      f"(the streaming buffers) do not fit; expected a larger vram=")
         except BaseException as exc:  # noqa: BLE001 - a loader may raise anything
             self._load_failed(slot, exc, was_offloaded)
             self._tell_residency("failed", what, slot.name, size, self._clock() - t0)
@@ -72,6 +81,7 @@ class _Residency:
         with self._cond:
             slot.obj = obj
             slot_to(slot, policy.RESIDENT)
+            slot.resident_fraction = fraction
             slot.loads += 1
             slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
             if measured is not None or slot.size_source == "auto":
