@@ -2,6 +2,7 @@
 
     python bench/gpu.py            # about a minute on an H100
     python bench/gpu.py --quick    # fewer repetitions, for a smoke run
+    python bench/gpu.py --switch   # only the rows of issue 18, (e) to (i) (bench/gpu_switch.py)
 
 Everything goes through gpuctx's own code (CudaDevice streams, offload/restore/release,
 GraphRunner), so the numbers are ours, next to a baseline measured in the same run:
@@ -17,6 +18,9 @@ GraphRunner), so the numbers are ours, next to a baseline measured in the same r
     4 models through the whole scheduler (4 @gpu_task calls per round, eager and cuda_graph=True),
     wall clock from the first submit to the last result, against eager serial by wall clock.
 (d) the same at a compute-bound size (4 layers of 4096x4096, batch 4096): target >= 0.95x (no regression).
+(e)-(i) switches (bench/gpu_switch.py): a call on an offloaded model with the pipelined restore against
+    resident + raw restore; evicting an unmodified model against a copy back; a partial model against
+    diffusers' group offload; the graph recapture a VMM restore would save; host cost per cuda_graph task.
 
 Timings: medians of many runs after warm-up, on random data; (c) and (d) are CUDA-event timings
 of whole rounds (the start event waits for nothing, so host launch time is inside), (a) and (b)
@@ -35,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/gpu_switch.py
 
 GB = 1e9
 CONTEXTS = 4
@@ -43,6 +48,7 @@ CONTEXTS = 4
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier numbers)")
+    parser.add_argument("--switch", action="store_true", help="only the switch rows (e)-(i) of bench/gpu_switch.py")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -58,12 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"# gpuctx GPU benchmarks — {props.name} ({props.total_memory / GB:.0f} GB), "
           f"torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    from gpu_switch import switch_rows
+
     rows: list[tuple[str, str, str, str, str]] = []
-    rows += _transfer_rows(torch, dev, reps=3 if quick else 10)
-    rows += _release_rows(torch, dev, reps=3 if quick else 7)
-    rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=8, batch=32, reps=50 if quick else 300)
-    rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=32, batch=32, reps=30 if quick else 150)
-    rows += _stream_rows(torch, dev, "compute-bound", width=4096, depth=4, batch=4096, reps=4 if quick else 15)
+    if not args.switch:
+        rows += _transfer_rows(torch, dev, reps=3 if quick else 10)
+        rows += _release_rows(torch, dev, reps=3 if quick else 7)
+        rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=8, batch=32, reps=50 if quick else 300)
+        rows += _stream_rows(torch, dev, "launch-bound", width=256, depth=32, batch=32, reps=30 if quick else 150)
+        rows += _stream_rows(torch, dev, "compute-bound", width=4096, depth=4, batch=4096, reps=4 if quick else 15)
+    rows += switch_rows(torch, dev, quick)
     print("| measurement | value | baseline (same run) | ratio | target |")
     print("|---|---:|---:|---:|---|")
     for row in rows:
@@ -125,6 +135,9 @@ def _transfer_rows(torch: Any, dev: Any, reps: int) -> list:
     h2d, d2h = _raw_copies(torch, nbytes, reps)
     dev.empty_caches()
 
+    # Bandwidth rows: every offload a real copy (no clean copy kept), every restore blocking.
+    keep, groups = dev.host_copies.keep_clean, dev.restore_group_bytes
+    dev.host_copies.keep_clean, dev.restore_group_bytes = False, None
     offload_s, restore_cold, restore_warm = [], [], []
     for i in range(reps + 1):
         torch.cuda.synchronize()
@@ -137,6 +150,7 @@ def _transfer_rows(torch: Any, dev: Any, reps: int) -> list:
         t0 = time.perf_counter()
         dev.restore("bench-transfer", model)   # synchronises the context's stream before returning
         (restore_cold if cold else restore_warm).append(time.perf_counter() - t0)
+    dev.host_copies.keep_clean, dev.restore_group_bytes = keep, groups
     del model
     dev.empty_caches()
     off = nbytes / statistics.median(offload_s[1:]) / GB

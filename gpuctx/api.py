@@ -24,13 +24,14 @@ from .engine import Config, Scheduler, Session, TaskSpec, current_frame
 from .engine.spec import _seconds
 from .engine.working import check_sm, check_working
 from .task import Task, wait_tasks
+from .trace import LoadBars as _LoadBars
 from .units import parse_size
 
 __all__ = [
     "configure", "scheduler", "shutdown", "reset", "gpu_task", "model", "current_model", "current_device",
     "wait", "gather", "stats", "status", "evict", "get_stream", "record_event", "wait_event",
     "create_context", "context_session", "get_context_usage", "get_available_vram", "on_memory_pressure",
-    "explain", "admit", "session", "timeline", "export_trace",
+    "explain", "admit", "session", "timeline", "export_trace", "dashboard", "current_scheduler",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,6 +50,13 @@ _shut = False                                 # shutdown() called: no new schedu
 def current_config() -> Config:
     """The settings in force (what `configure()` last set), for views such as `%config GpuCtx`."""
     return _config
+
+
+def current_scheduler() -> Scheduler | None:
+    """The running scheduler, or None; unlike [`scheduler`][gpuctx.scheduler] it never starts one
+    (for views such as the dashboard, which must not start a scheduler by looking)."""
+    s = _sched
+    return s if s is not None and not s.closed else None
 
 
 def configure(**settings: Any) -> Config:
@@ -72,7 +80,8 @@ def configure(**settings: Any) -> Config:
     | `host_budget` | `None` | Bytes of pinned host RAM that offloaded weights may hold (a size); `None`: no limit. A model that would exceed it is dropped instead. |
     | `trace_capacity` | `100000` | Events the trace keeps (an int >= 1); the oldest go first. |
     | `cpu_workers` | `2` | Threads of the pool that runs CPU-routed tasks (an int >= 1), made at the first such task. |
-    | `progress` | `False` | The default of [`wait`][gpuctx.wait]'s `progress`: show a tqdm bar. |
+    | `progress` | `False` | Show tqdm progress bars (`tqdm.auto`: widgets in a notebook, text elsewhere): a model's load from disk and a restore from host RAM (bytes, with the GB/s reached), and [`wait`][gpuctx.wait] (tasks; its default `progress`). Leave it off for scripts and nbval runs. |
+    | `share` | `None` | Kernels of this user configured with the same share name keep one budget between them and ask each other to evict idle models (docs: *Sharing a GPU between notebooks*). A name of letters, digits, `.`, `_`, `-`; `None` or `True`: the default share (on a GPU its UUID, on the CPU none); `False`: work alone. |
 
     Args:
         **settings: the settings to change, by name (see the table); e.g. `budget="20GB"`.
@@ -83,7 +92,9 @@ def configure(**settings: Any) -> Config:
     Raises:
         ConfigError: an unknown setting or a bad value (the message names both); a `device`
             change while models are loaded or tasks are live; a `budget` below the bytes
-            committed now (evict models first).
+            committed now (evict models first); a `share` name with path characters.
+        ShareError: the share's database is corrupt, owned by another user or readable by
+            others (the message names the file and what to do); nothing changed.
     """
     global _config, _shut
     with _lock:
@@ -92,8 +103,14 @@ def configure(**settings: Any) -> Config:
             from .device import make_device
 
             make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
+        if isinstance(settings.get("share"), str):
+            from . import share as _share
+
+            _share.probe(settings["share"])   # ShareError now, with nothing changed
         if _sched is not None and not _sched.closed:
             _sched.reconfigure(**settings)
+            if "share" in settings:
+                _follow_share(_sched, new.share, strict=True)
         _config = new
         _shut = False
         return new
@@ -131,8 +148,20 @@ def scheduler() -> Scheduler:
                 s.on_memory_pressure(h)
             for name, (mq, ov) in _queue_limits.items():
                 s.set_queue_limits(name, mq, ov)
+            _follow_share(s, _config.share, strict=False)
+            s.on_residency(_load_bars)
             _sched = s
         return _sched
+
+
+def _follow_share(s: Scheduler, setting: Any, strict: bool) -> None:
+    """Join (or leave) the share ``setting`` names; gpuctx.share (and sqlite3) is imported only
+    when there is one to join or leave."""
+    if s.share is None and (setting is False or (setting in (None, True) and s.device.name == "cpu")):
+        return
+    from . import share as _share
+
+    _share.follow(s, setting, strict)
 
 
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
@@ -157,6 +186,10 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
         _shut = True
     if s is not None:
         s.shutdown(wait=wait, cancel_pending=cancel_pending)
+        if s.share is not None:
+            from . import share as _share
+
+            _share.leave(s)
 
 
 def reset() -> None:
@@ -178,11 +211,18 @@ def reset() -> None:
 atexit.register(lambda: shutdown(wait=False, cancel_pending=True))
 
 
+def _show_progress() -> bool:
+    return _config.progress
+
+
+_load_bars = _LoadBars(_show_progress)   # every scheduler's residency listener: bars while progress=True
+
+
 # --------------------------------------------------------------------------- models
 def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: bool = False,
           keep_alive: float | str | None = None, unload: Callable[[Any], Any] | None = None,
           offload: bool | None = None, max_queue: int | None = None,
-          overflow: str | None = None, working: int | str | None = None,
+          overflow: str | None = None, partial: bool = False, working: int | str | None = None,
           sm_share: float | None = None, sm_count: int | None = None) -> Callable[[F], F]:
     """Register the decorated function as the loader of model `name`; it is returned unchanged.
 
@@ -209,6 +249,14 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         overflow: what a submit does when the queue is full: `"block"` (wait for room),
             `"reject"` (raise [`Overloaded`][gpuctx.Overloaded]) or `"drop_oldest"` (the oldest
             queued task fails with `Overloaded`). Default `None`: unchanged (initially `"block"`).
+        partial: `True`: the model may be larger than what it gets on the card. `vram=` is then
+            the bytes it may use there (required): the longest prefix of its layers that fits
+            with two streamed layers in flight stays resident, the rest is streamed from pinned
+            host memory per forward on two copy streams; `status()` shows the resident
+            fraction. The loader returns the model on the host (CPU). For inference: a
+            backward pass would keep every streamed layer alive. Where the device cannot
+            stream (the CPU device) the whole model is loaded and counted at its measured
+            size. Default `False`.
         working: the working memory one task of the model needs while it runs, beyond the
             weights (activations, KV caches): an int of bytes or a string like `"1.5GB"`. The
             ledger charges it from the task's start to its end, so tasks of co-resident models
@@ -248,8 +296,8 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         origin = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__"), caller.f_globals)
         del caller
         kw = dict(loader=loader, vram=vram, priority=priority, pin=pin, keep_alive=ka, unload=unload,
-                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin, working=working_b,
-                  sm_share=sm_share, sm_count=sm_count)
+                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin, partial=partial,
+                  working=working_b, sm_share=sm_share, sm_count=sm_count)
         with _lock:
             scheduler().register_model(name, **kw)
             _models[name] = kw
@@ -841,6 +889,34 @@ def export_trace(path: str) -> None:
     from .trace import export_chrome
 
     export_chrome(scheduler().trace, path)
+
+
+def dashboard(interval: float = 0.3, window: float = 30.0) -> Any:
+    """A live view of the scheduler in the notebook, refreshed from a background thread.
+
+    The cell returns at once and the view keeps updating while other cells run: the budget as a
+    bar coloured by model, each model's state, size, pin, QoS, queue and oldest wait, the last
+    loads (bytes, GB/s) and evictions (with their reasons), a timeline of the last `window`
+    seconds, and the other kernels or workers when a shared budget or a cluster reports them.
+    Refreshes are coalesced: at most one message to the frontend per `interval`, however many
+    tasks run. It stops when closed (`d.close()`) and at `%unload_ext gpuctx`. Looking starts no
+    scheduler: until one runs, the view says so.
+
+    Args:
+        interval: seconds between refreshes (> 0). Default `0.3`.
+        window: seconds of history in the timeline (> 0). Default `30`.
+
+    Returns:
+        A [`Dashboard`][gpuctx.panel.Dashboard] (Jupyter shows its widget); without
+            ipywidgets (the `notebook` extra), a one-line note is printed and the
+            [`status`][gpuctx.status] is returned instead.
+
+    Raises:
+        ConfigError: `interval` or `window` is not a number of seconds above 0.
+    """
+    from .panel import open_dashboard
+
+    return open_dashboard(current_scheduler, status, interval, window)
 
 
 def _as_function(obj: Callable) -> Callable:

@@ -12,6 +12,7 @@
      ├── GpuOutOfMemory                          out of memory after the retries
      ├── Overloaded                              a queue limit turned the task away
      ├── BatchError                              a batch function broke its contract
+     ├── ShareError                              a share's database cannot be used (path, what to do)
      ├── SchedulerClosed (also RuntimeError)     submit after shutdown
      └── WaitDeadlock (also RuntimeError)        a wait that could never end
 
@@ -32,6 +33,7 @@ __all__ = [
     "Overloaded",
     "BatchError",
     "SchedulerClosed",
+    "ShareError",
     "WaitDeadlock",
 ]
 
@@ -74,6 +76,11 @@ class Overloaded(GpuCtxError):
 
 class BatchError(GpuCtxError):
     """A batched function returned something other than one result per input."""
+
+
+class ShareError(GpuCtxError):
+    """A share's database (``configure(share=...)``) cannot be used: corrupt, owned by another
+    user, or in a directory others can read; the message names the path and what to do."""
 
 
 class SchedulerClosed(GpuCtxError, RuntimeError):

@@ -97,6 +97,7 @@ class Slot:
     pin: bool = False
     keep_alive: float | None = None     # None: scheduler default
     offload: bool | None = None         # None: offload when the object supports it
+    partial: bool = False               # run with a prefix resident and the rest streamed (size: its share)
     qos: int = policy.BURSTABLE
     base: int = 0
     max_vram: int | None = None
@@ -123,6 +124,7 @@ class Slot:
     queued: int = 0
     pending: int = 0
     loads: int = 0
+    resident_fraction: float | None = None   # of a partial model as last placed (None: not partial)
     # For the policy's quantum (see policy.stepped_aside), kept by Scheduler._snapshot_locked:
     # the wait's start and the time as last seen idle, and when the running group started.
     waiting_since: float = 0.0

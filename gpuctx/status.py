@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .models import QoS
+from .policy import RESIDENT
 from .units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Scheduler
 
-__all__ = ["Status", "ModelRow", "TaskRow"]
+__all__ = ["Status", "ModelRow", "TaskRow", "KernelRow"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelRow:
     queued: int
     pending: int
     last_used: float
+    resident_fraction: float | None = None   # a partial model's share on the card (None: not partial)
     working: int = 0              # working memory a task needs: declared, or the running estimate
     working_source: str = "none"  # "declared", "estimated" (measured on a GPU) or "none"
     working_now: int = 0          # working memory charged now, for the task running
@@ -63,6 +65,23 @@ class TaskRow:
 
 
 @dataclass(frozen=True)
+class KernelRow:
+    """Another kernel of this kernel's share (``configure(share=...)``)."""
+
+    pid: int
+    notebook: str | None
+    nbytes: int
+    models: tuple[tuple[str, int], ...]   # (model, bytes charged)
+    queued: int
+    waiting: int                          # bytes it waits for
+
+    @property
+    def who(self) -> str:
+        """The notebook when known, else the pid."""
+        return self.notebook or f"pid {self.pid}"
+
+
+@dataclass(frozen=True)
 class Status:
     """Budget, what is committed, each model, and the live tasks."""
 
@@ -73,6 +92,8 @@ class Status:
     tasks: tuple[TaskRow, ...]
     healthy: bool
     problems: tuple[str, ...]
+    share: str | None = None               # the share's name, when this kernel takes part in one
+    others: tuple[KernelRow, ...] = ()     # the share's other kernels
 
     @classmethod
     def of(cls, sched: "Scheduler") -> "Status":
@@ -80,7 +101,8 @@ class Status:
         view = sched.view()
         models = tuple(
             ModelRow(s.name, s.state, s.size, s.size_source, charge, s.priority, QoS.name(s.qos),
-                     s.pin, s.loads, s.queued, s.pending, s.last_used, *s.working_need(), s.working_charged,
+                     s.pin, s.loads, s.queued, s.pending, s.last_used,
+                     s.resident_fraction if s.state == RESIDENT else None, *s.working_need(), s.working_charged,
                      s.sm_share, s.sm_enforced)
             for s, charge in view.slots
         )
@@ -88,7 +110,21 @@ class Status:
                       for t in view.tasks)
         budget, committed = view.budget, view.committed
         ok, problems = sched.healthy()
-        return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems))
+        share = sched.share
+        others = tuple(KernelRow(k.pid, k.notebook, k.nbytes, k.models, k.queued, k.waiting)
+                       for k in share.others()) if share is not None else ()
+        return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems),
+                   share.name if share is not None and not share.alone else None, others)
+
+    def _share_lines(self) -> list[str]:
+        if self.share is None:
+            return []
+        out = [f"  share {self.share!r}: {len(self.others)} other kernel(s)"]
+        for k in self.others:
+            held = ", ".join(f"{m} {format_size(n)}" for m, n in k.models) or "nothing"
+            out.append(f"    {k.who}: {format_size(k.nbytes)} ({held}), {k.queued} tasks"
+                       + (f", waiting for {format_size(k.waiting)}" if k.waiting else ""))
+        return out
 
     @property
     def free(self) -> int:
@@ -105,12 +141,13 @@ class Status:
                 f"  {m.name:<14} {m.state:<9} {format_size(m.size):>9} ({m.size_source}) counted {format_size(m.used):>9} "
                 f"prio {m.priority} {m.qos.lower()}{' pinned' if m.pinned else ''} loads {m.loads} "
                 f"queued {m.queued} waiting {m.pending}"
+                + ("" if m.resident_fraction is None else f" partial {m.resident_fraction:.0%} resident")
                 + "".join(f", {x}" for x in (m.describe_working(), m.describe_sm()) if x)
             )
         running = [t for t in self.tasks if t.state == "running"]
         lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
                      + "".join(f"\n    #{t.id} {t.name} on stream {t.stream}" for t in running))
-        return "\n".join(lines)
+        return "\n".join(lines + self._share_lines())
 
     __repr__ = __str__
 
@@ -129,7 +166,8 @@ class Status:
         cols += ("working", "SM share") if extra else ()
         rows = "".join(
             "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
-                m.name, m.state, f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
+                m.name, m.state + ("" if m.resident_fraction is None else f" ({m.resident_fraction:.0%} resident)"),
+                f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
                 m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)
                 + ((m.describe_working(), m.describe_sm()) if extra else ())) + "</tr>"
             for m in self.models
@@ -138,4 +176,17 @@ class Status:
         running = "".join(f"<li>#{t.id} {e(t.name)} ({e(t.model)}) on stream <code>{e(t.stream)}</code></li>"
                           for t in self.tasks if t.state == "running")
         tasks = f"<div>{len(self.tasks)} live tasks</div>" + (f"<ul>{running}</ul>" if running else "")
-        return head + table + tasks + "</div>"
+        return head + table + tasks + self._share_html() + "</div>"
+
+    def _share_html(self) -> str:
+        if self.share is None:
+            return ""
+        e = html.escape
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                k.who, format_size(k.nbytes), ", ".join(f"{m} {format_size(n)}" for m, n in k.models),
+                k.queued, format_size(k.waiting) if k.waiting else "")) + "</tr>"
+            for k in self.others)
+        cols = "".join(f"<th>{c}</th>" for c in ("kernel", "charged", "models", "tasks", "waiting for"))
+        return (f"<div>share <code>{e(self.share)}</code>: {len(self.others)} other kernel(s)</div>"
+                + (f"<table><tr>{cols}</tr>{rows}</table>" if self.others else ""))

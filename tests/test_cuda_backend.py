@@ -108,10 +108,12 @@ def test_capacity_is_total_minus_what_others_hold():
 
 
 def test_host_budget_error_names_the_numbers():
-    _cuda._check_host_budget("m", 10**9, 0, None)
-    _cuda._check_host_budget("m", 10**9, 10**9, 2 * 10**9)
+    from gpuctx.device.hostcopy import _check_host_budget
+
+    _check_host_budget("m", 10**9, 0, None)
+    _check_host_budget("m", 10**9, 10**9, 2 * 10**9)
     with pytest.raises(gpuctx.BudgetError, match=r"offload of 'm': 1 GB .*host_budget=1.5 GB \(1 GB already"):
-        _cuda._check_host_budget("m", 10**9, 10**9, 15 * 10**8)
+        _check_host_budget("m", 10**9, 10**9, 15 * 10**8)
 
 
 def test_uuid_spelled_as_nvml_does():

@@ -181,7 +181,8 @@ def test_gpu_models_bench_runs_in_cpu_smoke_mode(fresh, cache, capsys):
 
 def test_offload_rebinding_keeps_tied_and_aliased_tensors_shared():
     """The CUDA offload/restore code path's rebinding, run with host copies (no GPU needed)."""
-    from gpuctx.device import cuda as _cuda
+    from gpuctx.device import hostcopy as _cuda   # the module-moving helpers the CUDA backend uses
+    from gpuctx.device.base import span_bytes
 
     m = torch.nn.Module()
     m.a = torch.nn.Linear(4, 4, bias=False)
@@ -189,13 +190,13 @@ def test_offload_rebinding_keeps_tied_and_aliased_tensors_shared():
     m.b.weight = m.a.weight                                   # tied: one Parameter, two modules
     m.c = torch.nn.Parameter(m.a.weight.data)                 # aliased: another Parameter on the same memory
     before = m.a.weight.detach().clone()
-    items = _cuda._module_items(torch, m, on_cuda=False)
+    items = _cuda._module_items(torch, m, lambda t: not t.is_cuda)
     copies = _cuda._copies(items, lambda o, t: t.detach().clone())
     assert len(items) == 2 and copies[0] is copies[1]
     _cuda._rebind(items, copies)
     assert m.b.weight is m.a.weight and m.c.data_ptr() == m.a.weight.data_ptr()
     assert torch.equal(m.a.weight, before)
-    assert _cuda.span_bytes([p for p in m.parameters()]) == 64
+    assert span_bytes([p for p in m.parameters()]) == 64
 
 
 def test_a_measured_size_warning_points_at_the_users_registration_line(fresh):

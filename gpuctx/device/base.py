@@ -78,10 +78,21 @@ class Device(Protocol):
         """True when ``obj`` can be moved to host RAM and back."""
 
     def offload(self, context: str, obj: Any) -> Any:
-        """Move ``obj``'s weights to (pinned) host memory; return what :meth:`restore` takes."""
+        """Move ``obj``'s weights to (pinned) host memory; return what :meth:`restore` takes.
+
+        A device may keep a clean host copy of a restored module and evict it unmodified without
+        copying (CudaDevice: :mod:`gpuctx.device.hostcopy`); a modified one is copied back bit-exact.
+        """
 
     def restore(self, context: str, obj: Any) -> Any:
-        """Move an offloaded object back to the device."""
+        """Move an offloaded object back to the device.
+
+        It may return before every byte arrived, when the object's own forwards wait for their
+        layers on the device (CudaDevice's pipelined restore, :mod:`gpuctx.device.pipeline`).
+        A device that can stream part of a model also has ``place_partial(context, obj, nbytes)``
+        (returning the resident fraction, or None when it cannot); the engine uses it for
+        ``partial=True`` models where it exists, and loads them whole where it does not.
+        """
 
     def is_oom(self, exc: BaseException) -> bool:
         """True when ``exc`` is an out-of-memory error of torch or CuPy."""

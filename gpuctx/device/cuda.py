@@ -57,8 +57,10 @@ from typing import Any, Callable, ContextManager, Iterator
 from ..errors import BudgetError, ConfigError
 from ..units import MiB, format_size, parse_size
 from .base import ReleaseReport, _tensors, _weak, object_tensors, span_bytes
+from .hostcopy import HostCopies, _checksum, _module_items, offload_module, restore_module
+from .partial import PartialHandle, place_partial
 
-__all__ = ["cuda_available", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
+__all__ = ["cuda_available", "vmm_support", "CudaDevice", "CONTEXT_ESTIMATE", "RELEASE_TIMEOUT"]
 
 CONTEXT_ESTIMATE = 400 * MiB
 """Bytes assumed for our CUDA context when it existed before :class:`CudaDevice` could measure it."""
@@ -160,6 +162,54 @@ def _is_oom_exception(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
+# --------------------------------------------------------------------------- CUDA virtual memory (cuMem*)
+_CU_VMM_ATTRIBUTE = 102   # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+
+
+def _driver_library() -> Any:
+    """The CUDA driver library through ctypes (libcuda.so.1, nvcuda.dll), or None where it is absent."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", ctypes.util.find_library("cuda")):
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def vmm_support(index: int = 0, lib: Any = None) -> tuple[bool, str]:
+    """Whether card ``index``'s driver offers virtual memory management (cuMemCreate/cuMemMap), and why not.
+
+    This is what would let a restore put weights back at the same virtual addresses, so captured
+    CUDA graphs replay without a recapture (vLLM's sleep mode, torch_memory_saver). gpuctx only
+    detects it so far: a restore still lands at new addresses and graphs are captured again once
+    (``graphs`` drops them when the context's generation changes). ``lib``: the driver library
+    (tests pass a fake); found through ctypes when None.
+    """
+    import ctypes
+
+    lib = _driver_library() if lib is None else lib
+    if lib is None:
+        return False, "no CUDA driver library (libcuda) found"
+    try:
+        if lib.cuInit(0) != 0:
+            return False, "cuInit failed"
+        dev, value = ctypes.c_int(0), ctypes.c_int(0)
+        if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0:
+            return False, f"cuDeviceGet({index}) failed"
+        if lib.cuDeviceGetAttribute(ctypes.byref(value), _CU_VMM_ATTRIBUTE, dev) != 0:
+            return False, "the driver does not know the virtual-memory attribute (too old)"
+    except (AttributeError, OSError) as exc:
+        return False, f"the driver library lacks an entry point ({exc})"
+    if value.value != 1:
+        return False, "the device does not support virtual memory management"
+    return True, "supported by the driver; not used yet: graphs are captured again after a restore"
+
+
 # --------------------------------------------------------------------------- NVML, initialised once
 _nvml_lock = threading.Lock()
 _nvml_state: dict[str, Any] = {}
@@ -197,27 +247,6 @@ def _capacity(total: int, free: int, ours: int, budget: int | None) -> int:
     return cap if budget is None else min(cap, budget)
 
 
-def _check_host_budget(what: str, nbytes: int, used: int, budget: int | None) -> None:
-    """Raise BudgetError when offloading ``nbytes`` more would exceed ``budget`` (None: no limit)."""
-    if budget is not None and used + nbytes > budget:
-        raise BudgetError(
-            f"offload of {what!r}: {format_size(nbytes)} more pinned host memory would exceed "
-            f"host_budget={format_size(budget)} ({format_size(used)} already offloaded); expected at most "
-            f"{format_size(max(0, budget - used))}"
-        )
-
-
-class _Offloaded:
-    """Bookkeeping of one offloaded object: its pinned bytes and which of its tensors moved."""
-
-    __slots__ = ("finalizer", "moved", "nbytes")
-
-    def __init__(self, nbytes: int, moved: dict[int, Any] | None) -> None:
-        self.nbytes = nbytes
-        self.moved = moved
-        self.finalizer: Any = None
-
-
 # --------------------------------------------------------------------------- the device
 class CudaDevice:
     """One CUDA card: a stream per context, events between them, measured loads, real release,
@@ -251,15 +280,20 @@ class CudaDevice:
         self._torch = torch
         self._cp = cp                                    # set only when CuPy is the runtime (no CUDA torch)
         self._budget = None if budget is None else parse_size(budget, arg="budget")
-        self.host_budget: int | None = None if host_budget is None else parse_size(host_budget, arg="host_budget")
         self.release_timeout = RELEASE_TIMEOUT
         self._lock = threading.Lock()
         self._streams: dict[str, Any] = {}
         self._cupy_streams: dict[str, Any] = {}
         self._limits: dict[str, Any] = {}               # context -> cupy.cuda.MemoryPool with a limit
         self._generations: dict[str, int] = {}
-        self._offloaded: dict[int, _Offloaded] = {}
-        self._host_used = 0
+        self._host = HostCopies(None if host_budget is None else parse_size(host_budget, arg="host_budget"))
+        # Pipelined restore is opt-in (set it to pipeline.GROUP_BYTES) until a GPU run measures it:
+        # code that reads weights outside a forward would have to synchronize first. None: one
+        # copy per restore, done before restore returns.
+        self.restore_group_bytes: int | None = None
+        self._copy_stream: Any = None
+        self._copy_lanes: list = []
+        self._partials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> PartialHandle
         self._nvml_handle: Any = None
         self._per_stream = False
         self._context_bytes = CONTEXT_ESTIMATE
@@ -270,7 +304,7 @@ class CudaDevice:
         self._green: dict[str, Any] = {}             # context -> its green context (kept alive)
 
     def __repr__(self) -> str:
-        return f"CudaDevice({self.name!r}, streams={len(self._streams)}, host_used={format_size(self._host_used)})"
+        return f"CudaDevice({self.name!r}, streams={len(self._streams)}, host_used={format_size(self.host_used)})"
 
     def _start(self) -> int:
         """Create our CUDA context now, so it is counted once, here; return its estimated size."""
@@ -357,8 +391,22 @@ class CudaDevice:
 
     @property
     def host_used(self) -> int:
-        """Pinned host bytes held by objects offloaded through this device."""
-        return self._host_used
+        """Pinned host bytes held by objects offloaded through this device and by clean copies."""
+        return self._host.used
+
+    @property
+    def host_budget(self) -> int | None:
+        """Bytes of pinned host memory the host copies may hold (None: no limit)."""
+        return self._host.budget
+
+    @host_budget.setter
+    def host_budget(self, value: int | None) -> None:
+        self._host.budget = value
+
+    @property
+    def host_copies(self) -> HostCopies:
+        """The host copies' bookkeeping: clean copies kept, free evictions and copy-backs counted."""
+        return self._host
 
     # ------------------------------------------------------------------ streams and events
     def get_stream(self, context: str) -> Any:
@@ -614,97 +662,120 @@ class CudaDevice:
     def offload(self, context: str, obj: Any) -> Any:
         """Copy ``obj``'s CUDA tensors to pinned host memory on the context's stream; return what restore takes.
 
+        A module restored by :meth:`restore` whose weights did not change since is evicted for
+        free: it is pointed back at its clean host copy, nothing is copied (:mod:`.hostcopy`).
         Raises BudgetError when ``host_budget`` would be exceeded, or when the copy fails
         (pinning refused, out of memory); ``obj`` is then unchanged, and the scheduler drops it.
         """
         torch = self._need_torch("offload")
-        nbytes = _cuda_bytes(torch, obj)
-        with self._lock:
-            _check_host_budget(context, nbytes, self._host_used, self.host_budget)
-            self._host_used += nbytes   # reserved now, so two offloads cannot both pass the check
         stream = self.get_stream(context)
-        moved: dict[int, Any] | None = None
         try:
             with torch.cuda.device(self.index), torch.cuda.stream(stream):
                 if isinstance(obj, torch.nn.Module):
-                    items = _module_items(torch, obj, on_cuda=True)
-                    copies = _copies(items, lambda o, t: _pinned_copy(torch, t))
+                    partial = self._partials.pop(obj, None)
+                    if partial is not None:   # streamed layers are on the host already; the prefix moves
+                        partial.remove()
+                    offload_module(self._host, self._transport(stream), context, obj)
                     result = obj
-                elif isinstance(obj, torch.Tensor):
-                    items, copies = [], []
-                    result = _pinned_copy(torch, obj) if obj.is_cuda else obj
                 else:
-                    items, copies = [], []
-                    moved_obj = obj.to("cpu")
-                    result = obj if moved_obj is None else moved_obj   # some .to() work in place
-            stream.synchronize()   # every byte is on the host before anything is rebound
+                    result = self._offload_other(torch, context, obj, stream)
+        except BudgetError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure: nothing was rebound, the caller drops instead
-            with self._lock:
-                self._host_used -= nbytes
             raise BudgetError(
-                f"offload of {context!r}: copying {format_size(nbytes)} to pinned host memory failed "
-                f"({type(exc).__name__}: {exc}); expected host memory that can be pinned"
+                f"offload of {context!r}: copying {format_size(_cuda_bytes(torch, obj))} to pinned host memory "
+                f"failed ({type(exc).__name__}: {exc}); expected host memory that can be pinned"
             ) from exc
-        if items:
-            moved = {id(o): getattr(o, a).device for o, a in items}   # where each tensor goes back to
-            _rebind(items, copies)
-        self._remember(result, nbytes, moved)
         self._bump(context)
         return result
 
+    def _offload_other(self, torch: Any, context: str, obj: Any, stream: Any) -> Any:
+        """Offload a tensor, or an object with ``.to()``: no clean copy is kept for these."""
+        nbytes = _cuda_bytes(torch, obj)
+        self._host.reserve(context, id(obj), nbytes)   # reserved now, so two offloads cannot both pass the check
+        try:
+            if isinstance(obj, torch.Tensor):
+                result = _pinned_copy(torch, obj) if obj.is_cuda else obj
+            else:
+                moved_obj = obj.to("cpu")
+                result = obj if moved_obj is None else moved_obj   # some .to() work in place
+            stream.synchronize()
+        except BaseException:
+            self._host.cancel(nbytes)
+            raise
+        self._host.remember(result, nbytes, None)
+        return result
+
     def restore(self, context: str, obj: Any) -> Any:
-        """Copy an offloaded object back to the card on the context's stream; bit-exact."""
+        """Copy an offloaded object back to the card; bit-exact.
+
+        A module is copied on the device's copy stream in groups of layers in execution order
+        when ``restore_group_bytes`` is set (opt-in; :mod:`.pipeline`) and returns before the copies
+        are done: each group's first forward waits for its copy on the GPU, not the host. With
+        ``restore_group_bytes=None`` (the default) it waits for the whole copy before returning.
+        Its host copy is kept as a clean copy (the next eviction may need no copy back).
+        """
         torch = self._need_torch("restore")
-        record = self._offloaded.get(id(obj))
-        stream = self.get_stream(context)
         dev = torch.device("cuda", self.index)
+        if isinstance(obj, torch.nn.Module):
+            with torch.cuda.device(self.index):
+                restore_module(self._host, self._transport(self.get_stream(context)), context, obj, dev,
+                               self.restore_group_bytes)
+            self._bump(context)
+            return obj
+        stream = self.get_stream(context)
         with torch.cuda.device(self.index), torch.cuda.stream(stream):
-            if isinstance(obj, torch.nn.Module):
-                items = _module_items(torch, obj, on_cuda=False)
-                if record is not None and record.moved is not None:
-                    items = [(o, a) for o, a in items if id(o) in record.moved]
-                    copies = _copies(items, lambda o, t: _device_copy(torch, t, record.moved[id(o)]))
-                else:
-                    copies = _copies(items, lambda o, t: _device_copy(torch, t, dev))
-                result = obj
-            elif isinstance(obj, torch.Tensor):
-                items, copies = [], []
+            if isinstance(obj, torch.Tensor):
                 result = obj if obj.is_cuda else _device_copy(torch, obj, dev)
             else:
-                items, copies = [], []
                 moved_obj = obj.to(dev)
                 result = obj if moved_obj is None else moved_obj
         stream.synchronize()   # restore time is load time for the scheduler; and the pinned buffers may go
-        _rebind(items, copies)
-        self._forget(id(obj), detach=True)
+        self._host.forget(obj)
         self._bump(context)
         return result
+
+    def place_partial(self, context: str, obj: Any, nbytes: int) -> float | None:
+        """Run ``obj`` (a torch module on the host, or offloaded) with only part of it on the card.
+
+        The longest prefix of its layers that fits in ``nbytes`` together with two streamed
+        layers in flight goes to the card; the rest is pinned and streamed per forward on two
+        copy streams (:mod:`.partial`). Returns the resident fraction (1.0: all of it fitted),
+        or None (``obj`` unchanged) when not even streaming every layer fits, or ``obj`` is no module.
+        """
+        torch = self._need_torch("place_partial")
+        if not isinstance(obj, torch.nn.Module):
+            return None
+        stream = self.get_stream(context)
+        with self._lock:
+            while len(self._copy_lanes) < 2:
+                self._copy_lanes.append(torch.cuda.Stream(device=self.index))
+        lanes = [_CudaTransport(torch, stream, s) for s in self._copy_lanes]
+        self._host.forget(obj)   # an offloaded partial model comes back as a placement, not a restore
+        with torch.cuda.device(self.index):
+            handle = place_partial(obj, nbytes, lanes, torch.device("cuda", self.index),
+                                   pin=lambda t: t if t.is_pinned() else t.pin_memory())
+        if handle is None:
+            return None
+        self._partials[obj] = handle
+        self._bump(context)
+        return handle.plan.resident_fraction
+
+    def partial_of(self, obj: Any) -> PartialHandle | None:
+        """The placement of a partial model (its plan, its streamer), or None."""
+        return self._partials.get(obj)
+
+    def _transport(self, stream: Any) -> "_CudaTransport":
+        """How a module's tensors move: D2H on ``stream`` (the context's), H2D on the copy stream."""
+        with self._lock:
+            if self._copy_stream is None:
+                self._copy_stream = self._torch.cuda.Stream(device=self.index)
+        return _CudaTransport(self._torch, stream, self._copy_stream)
 
     def _need_torch(self, what: str) -> Any:
         if self._torch is None:
             raise ConfigError(f"{what} on {self.name}: needs torch with CUDA; only CuPy was found")
         return self._torch
-
-    def _remember(self, obj: Any, nbytes: int, moved: dict[int, Any] | None) -> None:
-        key = id(obj)
-        with self._lock:
-            old = self._offloaded.get(key)
-            if old is not None:   # offloaded again before a restore: one record, the bytes added up
-                old.nbytes += nbytes
-                if moved:
-                    old.moved = {**(old.moved or {}), **moved}
-                return
-            record = self._offloaded[key] = _Offloaded(nbytes, moved)
-        with contextlib.suppress(TypeError):   # an offloaded object dropped unrestored gives its bytes back
-            record.finalizer = weakref.finalize(obj, self._forget, key, False)
-
-    def _forget(self, key: int, detach: bool) -> None:
-        with self._lock:
-            record = self._offloaded.pop(key, None)
-            if record is not None:
-                self._host_used -= record.nbytes
-        if record is not None and detach and record.finalizer is not None:
-            record.finalizer.detach()
 
     # ------------------------------------------------------------------ working memory, SM partitions
     def working_begin(self, context: str) -> int:
@@ -788,42 +859,12 @@ class CudaDevice:
 
 
 # --------------------------------------------------------------------------- tensors of an object
-def _module_items(torch: Any, module: Any, *, on_cuda: bool) -> list[tuple[Any, str]]:
-    """(tensor, "data" | "grad") for each parameter, buffer and gradient of ``module`` on (or off) CUDA."""
-    items: list[tuple[Any, str]] = []
-    seen: set[int] = set()
-    for t in [*module.parameters(), *module.buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        if t.is_cuda == on_cuda:
-            items.append((t, "data"))
-        grad = t.grad if isinstance(t, torch.nn.Parameter) else None
-        if grad is not None and grad.is_cuda == on_cuda:
-            items.append((t, "grad"))
-    return items
-
-
 def _cuda_bytes(torch: Any, obj: Any) -> int:
     """Bytes of CUDA memory ``obj``'s tensors cover (a module's with gradients, a tensor's, or those one
     level inside an object); tied and aliased tensors once."""
     if isinstance(obj, torch.nn.Module):
-        return span_bytes([getattr(o, a) for o, a in _module_items(torch, obj, on_cuda=True)])
+        return span_bytes([getattr(o, a) for o, a in _module_items(torch, obj, _on_cuda)])
     return span_bytes([t for t in object_tensors(torch, obj) if t.is_cuda])
-
-
-def _copies(items: list[tuple[Any, str]], copy: Callable[[Any, Any], Any]) -> list:
-    """``copy(owner, tensor)`` of each item's tensor, made once per memory view: two tensor objects that
-    alias the same memory (same address, shape, strides, dtype) get one copy, so they stay aliased."""
-    made: dict[tuple, Any] = {}
-    out = []
-    for o, a in items:
-        t = getattr(o, a)
-        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else (id(t),)
-        if key not in made:
-            made[key] = copy(o, t)
-        out.append(made[key])
-    return out
 
 
 def _pinned_copy(torch: Any, t: Any) -> Any:
@@ -840,13 +881,64 @@ def _device_copy(torch: Any, t: Any, dev: Any) -> Any:
     return out
 
 
-def _rebind(items: list[tuple[Any, str]], copies: list) -> None:
-    """Point each tensor (or gradient) at its copy; gradients after data, so devices always match."""
-    grads = [(o, c) for (o, a), c in zip(items, copies) if a == "grad"]
-    for o, _ in grads:
-        o.grad = None
-    for (o, a), c in zip(items, copies):
-        if a == "data":
-            o.data = c
-    for o, c in grads:
-        o.grad = c
+def _on_cuda(t: Any) -> bool:
+    return bool(t.is_cuda)
+
+
+class _CudaTransport:
+    """:class:`~gpuctx.device.hostcopy.Transport` on CUDA: device-to-host copies on the context's
+    stream into pinned memory; host-to-device copies on the device's copy stream, each destination
+    marked as used by the context's stream (the allocator then never hands its block to the copy
+    stream again before the context's work on it is done)."""
+
+    def __init__(self, torch: Any, stream: Any, copy_stream: Any) -> None:
+        self._torch = torch
+        self._stream = stream
+        self._copy = copy_stream
+
+    on_device = staticmethod(_on_cuda)
+
+    @staticmethod
+    def where(t: Any) -> Any:
+        return t.device
+
+    def to_host(self, t: Any) -> Any:
+        return _pinned_copy(self._torch, t)
+
+    def to_device(self, t: Any, where: Any) -> Any:
+        with self._torch.cuda.stream(self._copy):
+            out = _device_copy(self._torch, t, where)
+        out.record_stream(self._stream)
+        return out
+
+    def fence(self) -> None:
+        self._stream.synchronize()
+        self._copy.synchronize()
+
+    def mark(self) -> Any:
+        event = self._torch.cuda.Event()
+        event.record(self._copy)
+        return event
+
+    def wait(self, event: Any) -> None:
+        torch = self._torch
+        if torch.cuda.is_current_stream_capturing():
+            event.synchronize()   # a capture may not wait on an event from outside it: wait on the host
+        else:
+            torch.cuda.current_stream().wait_event(event)
+
+    def done(self) -> Any:
+        event = self._torch.cuda.Event()
+        event.record(self._torch.cuda.current_stream())
+        return event
+
+    @staticmethod
+    def block(event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+
+    def checksum(self, tensors: list) -> Any:
+        return _checksum(self._torch, tensors).cpu()   # 16 bytes, and no cross-stream use of the result later
+
+    def same(self, a: Any, b: Any) -> bool:
+        return bool(self._torch.equal(a, b))

@@ -31,7 +31,7 @@ class _Registry:
                        priority: int = 0, pin: bool = False, keep_alive: float | None = None,
                        unload: Callable[[Any], Any] | None = None, offload: bool | None = None,
                        max_queue: int | None = None, overflow: str | None = None,
-                       origin: tuple | None = None, working: int | str | None = None,
+                       origin: tuple | None = None, partial: bool = False, working: int | str | None = None,
                        sm_share: float | None = None, sm_count: int | None = None) -> Slot:
         """Register (or register again) a model's loader and settings.
 
@@ -52,6 +52,9 @@ class _Registry:
         share, count = check_sm(sm_share, sm_count, f"model {name!r}")
         self._check_sm_count(name, count)
         _check_queue_limits(name, max_queue, overflow)
+        if partial is not False and (partial is not True or size is None):
+            raise ConfigError(f"model {name!r}: partial={partial!r} with vram={vram!r}: expected partial=True with "
+                              "vram= the bytes the model may use on the card, like vram='8GB'")
         note, evict_now, sm_note = None, False, None
         with self._cond:
             s = self._slots.get(name) or Slot(name=name)   # recorded only once every check passed
@@ -82,6 +85,7 @@ class _Registry:
             s.priority, s.pin = priority, pin
             s.keep_alive = keep_alive if keep_alive is not None else s.keep_alive
             s.offload = offload if offload is not None else s.offload
+            s.partial = partial
             _apply_queue_limits(s, max_queue, overflow)
             if changed and s.state in (policy.RESIDENT, policy.LOADING, policy.OFFLOADED):
                 note = f"gpuctx: model {name!r} registered again ({', '.join(changed)}): the loaded object is replaced"

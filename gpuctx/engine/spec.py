@@ -32,6 +32,7 @@ class Config:
     trace_capacity: int = 100_000
     cpu_workers: int = 2
     progress: bool = False
+    share: str | bool | None = None      # acted on by gpuctx.api (gpuctx.share): a name, False, or None (default)
 
     @classmethod
     def build(cls, base: "Config | None" = None, **changes: Any) -> "Config":
@@ -64,6 +65,10 @@ class Config:
         for key in ("offload", "progress"):
             if key in c and not isinstance(c[key], bool):
                 raise ConfigError(f"{key}={c[key]!r}: expected True or False")
+        if "share" in c and c["share"] is not None and not isinstance(c["share"], bool):
+            from ..share._db import check_name   # lazily: sqlite3 only for a kernel that shares
+
+            check_name(c["share"])
         if "device" in c:
             d = c["device"]
             if not isinstance(d, str) or not (d in ("auto", "cpu", "cuda") or d.startswith("cuda:")):
