@@ -22,6 +22,7 @@ from .errors import ConfigError, CycleError, SchedulerClosed
 from .models import OVERFLOW_POLICIES, QoS, Slot
 from .engine import Config, Scheduler, Session, TaskSpec, current_frame
 from .engine.spec import _seconds
+from .engine.working import check_sm, check_working
 from .task import Task, wait_tasks
 from .trace import LoadBars as _LoadBars
 from .units import parse_size
@@ -67,7 +68,7 @@ def configure(**settings: Any) -> Config:
 
     | Setting | Default | Meaning |
     |---|---|---|
-    | `budget` | `None` | Bytes of VRAM the scheduler may keep committed: an int, or a string like `"20GB"`. An explicit budget is used as given (no safety factor). `None`: the memory read from the device times `safety_factor` (on a GPU, its memory less what other processes hold; on the CPU, 16 GB). |
+    | `budget` | `None` | Bytes of VRAM the scheduler may keep committed (resident weights, context reservations and the working memory of running tasks together): an int, or a string like `"20GB"`. An explicit budget is used as given (no safety factor). `None`: the memory read from the device times `safety_factor` (on a GPU, its memory less what other processes hold; on the CPU, 16 GB). |
     | `safety_factor` | `0.9` | Fraction, in (0, 1], of the memory read from the device that the budget takes; it does not apply to an explicit `budget`. |
     | `device` | `"auto"` | `"auto"` (CUDA device 0 when one is visible, else the CPU), `"cpu"`, `"cuda"` or `"cuda:N"`. Changes only while no model is loaded and no task is live. |
     | `max_wait` | `30.0` | Seconds (a number, or a string like `"500ms"`, `"2s"`, `"1min"`): the floor of the starvation bound between models, and how long a task waits in its model's queue before it goes ahead of higher priorities. |
@@ -221,7 +222,8 @@ _load_bars = _LoadBars(_show_progress)   # every scheduler's residency listener:
 def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: bool = False,
           keep_alive: float | str | None = None, unload: Callable[[Any], Any] | None = None,
           offload: bool | None = None, max_queue: int | None = None,
-          overflow: str | None = None, partial: bool = False) -> Callable[[F], F]:
+          overflow: str | None = None, partial: bool = False, working: int | str | None = None,
+          sm_share: float | None = None, sm_count: int | None = None) -> Callable[[F], F]:
     """Register the decorated function as the loader of model `name`; it is returned unchanged.
 
     The loader takes no arguments and returns the model object; it runs when a task of the
@@ -255,14 +257,26 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
             backward pass would keep every streamed layer alive. Where the device cannot
             stream (the CPU device) the whole model is loaded and counted at its measured
             size. Default `False`.
+        working: the working memory one task of the model needs while it runs, beyond the
+            weights (activations, KV caches): an int of bytes or a string like `"1.5GB"`. The
+            ledger charges it from the task's start to its end, so tasks of co-resident models
+            that would not fit together take turns. Default `None`: the model's running
+            estimate, measured per task on a GPU (the allocator's peak minus what was allocated
+            when the task started); on the CPU, 0. A task's own `working=` comes first.
+        sm_share: the fraction of the GPU's SMs, in (0, 1], the model's tasks run on. Groups
+            whose shares would add up to more than 1.0 do not run at once; models without a
+            share use the rest. Enforced with a CUDA green context where torch and the driver
+            have them, else accepted with one warning and shown as "not enforced" in
+            [`status`][gpuctx.status]. Default `None`: no share.
+        sm_count: the same as a number of SMs instead of a fraction (give one of the two).
 
     Returns:
         A decorator that registers the loader and returns it unchanged.
 
     Raises:
         ConfigError: a bad argument, or a decorated object that is not callable.
-        BudgetError: a declared `vram` that can never fit in the budget, or above the
-            context's `max_vram` (raised when decorating).
+        BudgetError: a declared `vram` (plus `working`) that can never fit in the budget, or
+            above the context's `max_vram` (raised when decorating).
     """
     _check_int(priority, "priority")
     if not isinstance(pin, bool):
@@ -272,6 +286,8 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         parse_size(vram, arg="vram")
     if unload is not None and not callable(unload):
         raise ConfigError(f"unload={unload!r}: expected a callable taking the loaded object")
+    working_b = check_working(working)
+    check_sm(sm_share, sm_count, f"model {name!r}")
 
     def register(loader: F) -> F:
         if not callable(loader):
@@ -280,7 +296,8 @@ def model(name: str, *, vram: int | str | None = None, priority: int = 0, pin: b
         origin = (caller.f_code.co_filename, caller.f_lineno, caller.f_globals.get("__name__"), caller.f_globals)
         del caller
         kw = dict(loader=loader, vram=vram, priority=priority, pin=pin, keep_alive=ka, unload=unload,
-                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin, partial=partial)
+                  offload=offload, max_queue=max_queue, overflow=overflow, origin=origin, partial=partial,
+                  working=working_b, sm_share=sm_share, sm_count=sm_count)
         with _lock:
             scheduler().register_model(name, **kw)
             _models[name] = kw
@@ -390,7 +407,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
              priority: int = 0, after: Sequence[Any] | None = None, name: str | None = None,
              device: str | None = None, fallback: str | None = None, batch_size: int | None = None,
              batch_wait: float | str = 0.0, cuda_graph: bool = False, oom_retries: int | None = None,
-             max_queue: int | None = None, overflow: str | None = None) -> Any:
+             max_queue: int | None = None, overflow: str | None = None, working: int | str | None = None) -> Any:
     """Turn a function into schedulable work: calling it returns a [`Task`][gpuctx.Task] at once.
 
     Use it bare (`@gpu_task`) or with options (`@gpu_task(model="llm", vram="4GB")`). The
@@ -425,6 +442,10 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
             configured `oom_retries`.
         max_queue: the model's queue limit, as in [`model`][gpuctx.model]. Default `None`: unchanged.
         overflow: the model's overflow policy, as in [`model`][gpuctx.model]. Default `None`: unchanged.
+        working: the working memory one call needs while it runs, beyond the model's weights
+            (an int of bytes or a string like `"1.5GB"`); it overrides the model's `working=`
+            and its measured estimate. A batched call is charged it once per batch. Default
+            `None`: the model's.
 
     Returns:
         The wrapped function, or, without `fn`, a decorator that makes it.
@@ -438,6 +459,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
     if model is not None and (not isinstance(model, str) or not model):
         raise ConfigError(f"model={model!r}: expected a model name (a non-empty string)")
     vram_b = None if vram is None else parse_size(vram, arg="vram")
+    working_b = check_working(working)
     _check_int(priority, "priority")
     after_t = _check_after(after, "gpu_task")
     if device not in (None, "cpu", "gpu"):
@@ -473,7 +495,8 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
                 )
         spec = TaskSpec(fn=f, name=name or f.__name__, model=model or "default", vram=vram_b, priority=priority,
                         after=after_t, device="cpu" if device == "cpu" else None, fallback=fallback,
-                        batch_size=bs, batch_wait=bw, cuda_graph=cuda_graph, oom_retries=oom_retries)
+                        batch_size=bs, batch_wait=bw, cuda_graph=cuda_graph, oom_retries=oom_retries,
+                        working=working_b)
         if max_queue is not None or overflow is not None:
             with _lock:
                 scheduler().set_queue_limits(spec.model, max_queue, overflow)
@@ -500,7 +523,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
 
         def options(*, priority: int | None = None, after: Sequence[Any] | None = None,
                     vram: int | str | None = None, device: str | None = None,
-                    timeout: float | str | None = None) -> Callable[..., Task]:
+                    timeout: float | str | None = None, working: int | str | None = None) -> Callable[..., Task]:
             """This function with per-call overrides: ``fn.options(priority=5)(x)``.
 
             ``timeout`` (seconds, or a string like ``"2s"``): with ``overflow="block"``, how long a
@@ -513,6 +536,8 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
                 changes["after"] = spec.after + _check_after(after, f"{spec.name}.options")
             if vram is not None:
                 changes["vram"] = parse_size(vram, arg="vram")
+            if working is not None:
+                changes["working"] = check_working(working)
             if device is not None:
                 if device not in ("cpu",):
                     raise ConfigError(f"device={device!r}: expected 'cpu'")
@@ -616,7 +641,8 @@ def gather(*tasks: Task, timeout: float | None = None) -> list[Any]:
 
 # --------------------------------------------------------------------------- contexts (PyGPUkit names)
 def create_context(name: str, *, max_vram: int | str | None = None, base_vram: int | str | None = None,
-                   qos: Any = QoS.BURSTABLE, max_queue: int | None = None, overflow: str | None = None) -> Slot:
+                   qos: Any = QoS.BURSTABLE, max_queue: int | None = None, overflow: str | None = None,
+                   sm_share: float | None = None, sm_count: int | None = None) -> Slot:
     """Create an execution context (a named slot with a QoS tier) and admit its reservation now.
 
     A `GUARANTEED` context reserves `max_vram` now; a `BURSTABLE` one reserves `base_vram` and may
@@ -632,6 +658,16 @@ def create_context(name: str, *, max_vram: int | str | None = None, base_vram: i
         qos: a [`QoS`][gpuctx.QoS] tier or its name. Default `QoS.BURSTABLE`.
         max_queue: the context's queue limit, as in [`model`][gpuctx.model]. Default `None`: no limit.
         overflow: the overflow policy, as in [`model`][gpuctx.model]. Default `None`: `"block"`.
+        sm_share: the fraction of the GPU's SMs, in (0, 1], the context's tasks run on. The
+            shares of contexts that run at once never add up to more than 1.0 (a group that
+            would pass it waits; [`explain`][gpuctx.explain] gives the numbers); contexts
+            without a share use the rest. On CUDA the context's stream comes from a green
+            context with that many SMs where torch, the driver and the card have them;
+            elsewhere (always on the CPU) the share is accepted with one warning, kept for
+            admission only, and [`status`][gpuctx.status] shows it as "not enforced".
+            Default `None`: no share.
+        sm_count: the same as a number of SMs (give one of the two). On a device that does
+            not report its SM count (the CPU) it is recorded only, not admitted.
 
     Returns:
         The context (pass it, or its name, to the other context functions).
@@ -641,7 +677,8 @@ def create_context(name: str, *, max_vram: int | str | None = None, base_vram: i
             larger than the budget or below its model's size.
         AdmissionError: the reservation cannot be admitted under the budget.
     """
-    kw = dict(max_vram=max_vram, base_vram=base_vram, qos=qos, max_queue=max_queue, overflow=overflow)
+    kw = dict(max_vram=max_vram, base_vram=base_vram, qos=qos, max_queue=max_queue, overflow=overflow,
+              sm_share=sm_share, sm_count=sm_count)
     with _lock:
         ctx = scheduler().create_context(name, **kw)
         _contexts[name] = kw
@@ -759,7 +796,9 @@ def explain(ctx: Any, vram: int | str | None = None) -> str:
 
     Returns:
         One line that starts with `"admitted now"`, `"admitted after evicting ..."`, `"waits"`
-            or `"rejected"`, with the numbers.
+            or `"rejected"`, with the numbers. For a context with an SM share it also gives the
+            shares running now and whether this one fits beside them (a share that would take
+            the sum above 1.0 makes the answer `"waits"`).
     """
     return scheduler().explain(_ctx_name(ctx), vram)
 

@@ -104,6 +104,16 @@ class Slot:
     max_queue: int | None = None
     overflow: str = "block"
     explicit_context: bool = False
+    # Working memory (activations, KV caches) of a running task, beyond the weights:
+    working: int | None = None          # declared with @gpuctx.model(working=...); None: the estimate
+    working_est: int = 0                # the running estimate from measured peaks (policy.working_estimate)
+    working_charged: int = 0            # bytes charged to the ledger for the task running now
+    working_peak: int = 0               # the largest working memory charged or measured for one task
+    working_sample: int | None = None   # the last task's measured peak (written by the slot's worker only)
+    # A share of the GPU's SMs (create_context / @gpuctx.model sm_share= or sm_count=):
+    sm_share: float | None = None
+    sm_count: int | None = None
+    sm_enforced: str = ""               # "enforced (green context, N SMs)" or "not enforced: why"
 
     state: str = policy.ABSENT
     obj: Any = None
@@ -126,6 +136,7 @@ class Slot:
     _promoted: Any = None                        # the overdue task peek() returned, if it did
     _mixed: bool = False                         # queued tasks of more than one priority (since empty)
     _first_priority: int = 0
+    _samples: deque = field(default_factory=deque)   # recent measured working peaks (policy.WORKING_SAMPLES)
 
     @property
     def is_label(self) -> bool:
@@ -134,6 +145,20 @@ class Slot:
 
     def describe_size(self) -> str:
         return f"{format_size(self.size)} ({self.size_source})"
+
+    def working_need(self) -> tuple[int, str]:
+        """(bytes of working memory a task of this slot needs unless it declares its own, where from)."""
+        if self.working is not None:
+            return self.working, "declared"
+        return self.working_est, ("estimated" if self._samples else "none")
+
+    def note_working(self, measured: int) -> None:
+        """Fold one task's measured working peak into the running estimate."""
+        self._samples.append(max(0, int(measured)))
+        while len(self._samples) > policy.WORKING_SAMPLES:
+            self._samples.popleft()
+        self.working_est = policy.working_estimate(self._samples)
+        self.working_peak = max(self.working_peak, int(measured))
 
     # -- queue: priority first, then submission order; lazy deletion of withdrawn tasks.
     # A task that has waited ``promote_after`` seconds (the policy's max_wait) goes before every

@@ -70,6 +70,13 @@ then the cheapest to reload. A model's *charge* is ``max(reserved, used)``, so e
 BURSTABLE model frees only its burst above the base; GUARANTEED models free nothing and
 are never chosen.
 
+**Working memory and SM shares.** A running task is charged its working memory (activations,
+caches) on top of its model's weights, so what a group needs to start (:func:`start_need`) is
+its load plus its next task's working memory; before each further task :func:`admit_working`
+says start, wait (memory in use will come back) or yield (let the plan evict or run others).
+A group with an SM share starts only while the shares of the groups running at once stay
+within 1.0 (:func:`sm_fits`); groups without one are never held back by it.
+
 Nothing here locks, sleeps, or touches a device; :mod:`gpuctx.sim` replays the same
 functions on a virtual clock.
 """
@@ -84,6 +91,8 @@ __all__ = [
     "BURSTABLE",
     "GUARANTEED",
     "PolicyParams",
+    "WorkingAdmission",
+    "admit_working",
     "SlotView",
     "Snapshot",
     "Start",
@@ -96,8 +105,13 @@ __all__ = [
     "plan",
     "rank_key",
     "should_yield",
+    "sm_explain",
+    "sm_fits",
+    "start_need",
     "stepped_aside",
     "switch_cost",
+    "working_estimate",
+    "working_extra",
 ]
 
 BEST_EFFORT, BURSTABLE, GUARANTEED = 0, 1, 2
@@ -145,6 +159,9 @@ class SlotView:
     next_use: float | None = None  # estimated distance to its next use (None: from queued/pending)
     keep_alive: float | None = None  # seconds it may stay idle before it is unloaded (None: forever)
     label: bool = False          # no loader: its VRAM is held only while its tasks run
+    working: int = 0             # working memory charged now for its running task (activations, caches)
+    next_working: int = 0        # working memory its next ready task needs (declared or estimated)
+    sm_share: float | None = None  # fraction of the GPU's SMs its context asks for (None: the rest)
 
     @property
     def resident(self) -> bool:
@@ -174,7 +191,7 @@ class Start:
 def charge(s: SlotView) -> int:
     """Bytes the ledger counts for ``s`` for planning (evicting memory counts as gone)."""
     used = 0 if s.state == EVICTING else s.used
-    return max(s.reserved, used, s.claim)
+    return max(s.reserved, used + s.working, s.claim)
 
 
 def free_bytes(snapshot: Snapshot) -> int:
@@ -294,7 +311,9 @@ def plan(snapshot: Snapshot) -> list[Start]:
     for s in ready:
         if s.name in evicting or s.name in held:
             continue  # a victim of a better-ranked group in this same plan, or held for a blocked one
-        need = need_bytes(s)
+        if not sm_fits(snapshot, s, started):
+            continue  # its SM share does not fit beside the groups that run at once
+        need = start_need(s)  # its load and its next task's working memory
         if need == 0:
             starts.append(Start(s.name))
             started.add(s.name)
@@ -530,3 +549,123 @@ def share_victims(models: Iterable[SharedModel], need: int, me: int, budget: int
             chosen.remove(m)
             freed -= m.nbytes
     return tuple((m.kernel, m.model) for m in chosen)
+# --------------------------------------------------------------------------- working memory
+# A task needs memory beyond its model's weights while it runs: activations, KV caches,
+# workspaces. The ledger charges it from the task's start to its end, so two co-resident models
+# whose weights fit but whose tasks together would not are not run at once. A task's working
+# memory is what it declares (``working=`` on the task, else on the model), else the model's
+# estimate: the largest of its last measured peaks (measured on a GPU only).
+WORKING_SAMPLES = 16   # measured peaks the estimate looks back over
+
+
+@dataclass(frozen=True, slots=True)
+class WorkingAdmission:
+    """Whether a task may start given its working memory (:func:`admit_working`).
+
+    ``action`` is ``"start"`` (charge ``charge`` bytes and run), ``"wait"`` (memory that is in
+    use now will come back: another task's working memory, a load or an eviction under way) or
+    ``"yield"`` (nothing under way will make room: the group steps aside and the next
+    :func:`plan` decides, evicting idle models or letting the other groups go first).
+    """
+
+    action: str
+    charge: int
+    need: int
+    free: int
+    reason: str
+
+
+def start_need(s: SlotView) -> int:
+    """Extra bytes ``s`` needs to start its next task: its load when it is not resident, plus that
+    task's working memory, above what it is charged now (:func:`need_bytes` when it needs none)."""
+    held = s.used + s.working if s.resident else s.size
+    return max(0, max(s.reserved, held + s.next_working) - charge(s))
+
+
+def working_extra(s: SlotView, working: int) -> int:
+    """Bytes that charging ``working`` more to ``s`` adds to the total (its reservation or claim absorbs some)."""
+    return max(0, max(s.reserved, s.used + s.working + working, s.claim) - charge(s))
+
+
+def free_now(snapshot: Snapshot) -> int:
+    """Budget minus every slot's charge, memory still being evicted included (what may be taken now)."""
+    return snapshot.budget - sum(max(s.reserved, s.used + s.working, s.claim) for s in snapshot.slots)
+
+
+def working_estimate(samples: Iterable[int]) -> int:
+    """The running estimate of a model's peak working memory: the largest recent measured peak
+    (an over-estimate only makes a task wait a little; an under-estimate can run out of memory)."""
+    return max((int(x) for x in samples), default=0)
+
+
+def working_cap(size: int, reserved: int, budget: int, others_held: int) -> int:
+    """The most working memory a model of ``size`` can ever be charged: the budget less its
+    weights (or reservation) and what others hold for good (reservations, pinned models)."""
+    return max(0, budget - others_held - max(size, reserved))
+
+
+def admit_working(snapshot: Snapshot, name: str, working: int, ahead: Sequence[str] = ()) -> WorkingAdmission:
+    """May ``name``'s next task, needing ``working`` bytes of working memory, start now?
+
+    ``ahead`` names the slots whose tasks asked for working memory earlier and still wait:
+    they go first, so two models that cannot run at once take turns task by task. A task
+    that fits starts. One that does not waits while memory in use will come back (another
+    task's working memory, a load or an eviction under way), and otherwise yields its group
+    to the plan, which can evict idle models or run the others first. When nothing else is
+    running and nothing can be evicted, waiting would be forever: it starts with what is free.
+    """
+    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0)
+    free = free_now(snapshot)
+    need = working_extra(me, working)
+    if working <= 0:
+        return WorkingAdmission("start", 0, 0, free, "no working memory")
+    if ahead:
+        return WorkingAdmission("wait", 0, need, free, f"{', '.join(ahead)} asked for working memory first")
+    if need <= free:
+        return WorkingAdmission("start", working, need, free, f"needs {need} bytes more, {free} free")
+    others = [s for s in snapshot.slots if s.name != name]
+    moving = [s.name for s in others if s.working or s.state in (LOADING, EVICTING)]
+    if moving:
+        return WorkingAdmission("wait", 0, need, free, f"needs {need} bytes more, {free} free; "
+                                f"{', '.join(moving)} will release memory")
+    if any(s.busy for s in others) or choose_victims(others, need - free, requester=me) is not None:
+        return WorkingAdmission("yield", 0, need, free, f"needs {need} bytes more, {free} free; "
+                                "the plan evicts idle models or runs the others first")
+    # Only this group runs and nothing can be evicted: the most it can be given.
+    most = max(0, min(working, max(me.reserved, me.used + me.working, me.claim) + free - me.used - me.working))
+    return WorkingAdmission("start", most, need, free, f"needs {need} bytes more, {free} free; "
+                            f"nothing else runs or can be evicted: charged {most}")
+
+
+# --------------------------------------------------------------------------- SM shares
+# A context may ask for a share of the GPU's SMs (``sm_share=``). The shares of the groups that
+# run at once never add up to more than 1.0; contexts without a share use the rest and are
+# never held back by this rule. On CUDA with green contexts the share is an SM partition of
+# the context's stream; elsewhere it is bookkeeping only (``status()`` says "not enforced").
+SM_EPSILON = 1e-9
+
+
+def sm_in_use(snapshot: Snapshot, also: Iterable[str] = ()) -> float:
+    """Sum of the SM shares of the busy slots and of ``also`` (groups a plan is starting)."""
+    extra = set(also)
+    return sum(s.sm_share for s in snapshot.slots if s.sm_share and (s.busy or s.name in extra))
+
+
+def sm_fits(snapshot: Snapshot, s: SlotView, started: Iterable[str] = ()) -> bool:
+    """True when ``s``'s SM share fits beside the groups running at once (and ``started``): the
+    shares add up to at most 1.0. A slot without a share always fits (it uses the rest)."""
+    if not s.sm_share or s.busy:
+        return True
+    return sm_in_use(snapshot, started) + s.sm_share <= 1.0 + SM_EPSILON
+
+
+def sm_explain(snapshot: Snapshot, name: str, share: float | None) -> str:
+    """One sentence, with the numbers, on whether ``name``'s SM share fits beside what runs now."""
+    if not share:
+        return f"{name!r} has no SM share: it uses the SMs the running shares leave"
+    running = [(s.name, s.sm_share) for s in snapshot.slots if s.sm_share and s.busy and s.name != name]
+    used = sum(v for _, v in running)
+    parts = " + ".join(f"{n} {v:.2f}" for n, v in running) or "none"
+    verdict = "fits" if used + share <= 1.0 + SM_EPSILON else "exceeds 1.0: it waits for a running share to end"
+    return (f"SM shares running: {parts} (= {used:.2f}); {name!r} asks {share:.2f}, total {used + share:.2f} "
+            f"{verdict}")

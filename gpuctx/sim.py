@@ -31,13 +31,14 @@ __all__ = ["SimModel", "SimTask", "SimResult", "simulate", "run", "live", "lower
 
 @dataclass(frozen=True)
 class SimModel:
-    """A model: size in bytes, seconds to load it and to unload it."""
+    """A model: size in bytes, seconds to load it and to unload it, working memory per task in bytes."""
 
     name: str
     size: int
     load_s: float
     priority: int = 0
     unload_s: float = 0.0
+    working: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     before the workload is in (the virtual driver gets there by construction).
     """
     for m in models:
-        if m.size > budget:
+        if m.size + m.working > budget:
             raise ValueError(f"model {m.name!r} ({m.size} bytes) can never fit the budget {budget}")
     driver = driver if driver is not None else VirtualDriver()
     virtual = isinstance(driver, VirtualDriver)
@@ -135,7 +136,7 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     try:
         for m in models:
             sched.register_model(m.name, functools.partial(_load, pause, m.load_s, gate, m.name), vram=m.size,
-                                 priority=m.priority)
+                                 priority=m.priority, working=m.working or None)
         specs: dict[tuple[str, int], TaskSpec] = {}
         handles: dict[int, Any] = {}
         t0 = driver.clock()
@@ -198,7 +199,7 @@ def _result(sched: Scheduler, handles: dict[int, Any], t0: float, scale: float) 
     r.loads = sum(1 for k, _ in r.sequence if k == "load")
     r.evictions = sum(m["evictions"] for m in stats["models"].values())
     r.switches = stats["model_switches"]
-    r.peak = stats["peak_vram"]
+    r.peak = max(stats["peak_vram"], sched.peak_committed())
     r.makespan = max(r.end.values(), default=0.0)
     return r
 

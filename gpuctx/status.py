@@ -33,6 +33,24 @@ class ModelRow:
     pending: int
     last_used: float
     resident_fraction: float | None = None   # a partial model's share on the card (None: not partial)
+    working: int = 0              # working memory a task needs: declared, or the running estimate
+    working_source: str = "none"  # "declared", "estimated" (measured on a GPU) or "none"
+    working_now: int = 0          # working memory charged now, for the task running
+    sm_share: float | None = None  # its share of the GPU's SMs (None: uses the rest)
+    sm: str = ""                  # "enforced (...)" or "not enforced: why"; "" without a share
+
+    def describe_working(self) -> str:
+        """The working memory as one phrase, e.g. ``"working 1.5 GB (declared), 1.5 GB now"``."""
+        if self.working_source == "none" and not self.working_now:
+            return ""
+        text = f"working {format_size(self.working)} ({self.working_source})"
+        return text + (f", {format_size(self.working_now)} now" if self.working_now else "")
+
+    def describe_sm(self) -> str:
+        """The SM share as one phrase, e.g. ``"SM 0.50 (not enforced: ...)"``; "" without a share."""
+        if self.sm_share is None:
+            return f"SM count ({self.sm})" if self.sm else ""
+        return f"SM {self.sm_share:.2f} ({self.sm})"
 
 
 @dataclass(frozen=True)
@@ -84,7 +102,8 @@ class Status:
         models = tuple(
             ModelRow(s.name, s.state, s.size, s.size_source, charge, s.priority, QoS.name(s.qos),
                      s.pin, s.loads, s.queued, s.pending, s.last_used,
-                     s.resident_fraction if s.state == RESIDENT else None)
+                     s.resident_fraction if s.state == RESIDENT else None, *s.working_need(), s.working_charged,
+                     s.sm_share, s.sm_enforced)
             for s, charge in view.slots
         )
         tasks = tuple(TaskRow(t.id, t.name, t.model, t.state.value, t.device if t.device == "cpu" else t.model)
@@ -123,6 +142,7 @@ class Status:
                 f"prio {m.priority} {m.qos.lower()}{' pinned' if m.pinned else ''} loads {m.loads} "
                 f"queued {m.queued} waiting {m.pending}"
                 + ("" if m.resident_fraction is None else f" partial {m.resident_fraction:.0%} resident")
+                + "".join(f", {x}" for x in (m.describe_working(), m.describe_sm()) if x)
             )
         running = [t for t in self.tasks if t.state == "running"]
         lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
@@ -142,11 +162,14 @@ class Status:
         if not self.healthy:
             head += f"<div style='color:#c62828'>unhealthy: {e('; '.join(self.problems))}</div>"
         cols = ("model", "state", "size", "counted", "priority", "qos", "pinned", "loads", "queued", "waiting")
+        extra = any(m.describe_working() or m.describe_sm() for m in self.models)   # columns only when used
+        cols += ("working", "SM share") if extra else ()
         rows = "".join(
             "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
                 m.name, m.state + ("" if m.resident_fraction is None else f" ({m.resident_fraction:.0%} resident)"),
                 f"{format_size(m.size)} ({m.size_source})", format_size(m.used), m.priority,
-                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)) + "</tr>"
+                m.qos.lower(), "yes" if m.pinned else "", m.loads, m.queued, m.pending)
+                + ((m.describe_working(), m.describe_sm()) if extra else ())) + "</tr>"
             for m in self.models
         )
         table = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"

@@ -19,7 +19,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-__all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "export_chrome", "progress", "LoadBars"]
+__all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "row_labels", "export_chrome", "progress",
+           "LoadBars"]
 
 _SAMPLES = 10_000   # per-model wait/run samples kept for percentiles
 _RESIDENCY = frozenset(("load_start", "load_end", "restore", "unload", "offload", "evict", "oom_retry"))
@@ -74,12 +75,13 @@ def _pct(values: Iterable[float], q: float) -> float:
 
 class _ModelStats:
     __slots__ = ("loads", "unloads", "offloads", "restores", "evictions", "load_seconds", "offload_seconds",
-                 "restore_seconds", "tasks", "failed", "waits", "runs")
+                 "restore_seconds", "tasks", "failed", "waits", "runs", "working_peak", "working_measured")
 
     def __init__(self) -> None:
         self.loads = self.unloads = self.offloads = self.restores = self.evictions = 0
         self.load_seconds = self.offload_seconds = self.restore_seconds = 0.0
         self.tasks = self.failed = 0
+        self.working_peak = self.working_measured = 0   # bytes: the most charged / measured for one task
         self.waits: deque = deque(maxlen=_SAMPLES)
         self.runs: deque = deque(maxlen=_SAMPLES)
 
@@ -92,13 +94,19 @@ class StatsReport(dict):
         lines = [f"tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
                  f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")
                  + (f", evictions for other kernels {self['evictions_for_others']}" if self.get('evictions_for_others') else "")]
+        working = self._has_working()
         lines.append(f"{'model':<14}{'loads':>6}{'unloads':>8}{'offl':>6}{'rest':>6}{'load s':>8}{'tasks':>7}"
-                     f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}")
+                     f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}" + (f"{'working':>10}" if working else ""))
         for name, m in self["models"].items():
             lines.append(f"{name:<14}{m['loads']:>6}{m['unloads']:>8}{m['offloads']:>6}{m['restores']:>6}"
                          f"{m['load_seconds']:>8.2f}{m['tasks']:>7}{m['wait_p50'] * 1e3:>8.1f}ms"
-                         f"{m['wait_p95'] * 1e3:>8.1f}ms{m['run_p50'] * 1e3:>7.1f}ms")
+                         f"{m['wait_p95'] * 1e3:>8.1f}ms{m['run_p50'] * 1e3:>7.1f}ms"
+                         + (f"{m.get('working_peak', 0) / 1e9:>8.2f}GB" if working else ""))
         return "\n".join(lines)
+
+    def _has_working(self) -> bool:
+        """Whether any model was charged working memory (its column is shown only then)."""
+        return any(m.get("working_peak") or m.get("working_measured") for m in self["models"].values())
 
     def __str__(self) -> str:
         return self.to_text()
@@ -106,12 +114,15 @@ class StatsReport(dict):
     def _repr_html_(self) -> str:
         cols = ("model", "loads", "unloads", "offloads", "restores", "load s", "tasks", "failed",
                 "wait p50", "wait p95", "wait max", "run p50", "run p95", "run max")
+        working = self._has_working()
+        cols += ("working peak",) if working else ()
         ms = lambda v: f"{v * 1e3:.1f} ms"  # noqa: E731
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 name, m["loads"], m["unloads"], m["offloads"], m["restores"], f"{m['load_seconds']:.2f}", m["tasks"],
                 m["failed"], ms(m["wait_p50"]), ms(m["wait_p95"]), ms(m["wait_max"]), ms(m["run_p50"]),
-                ms(m["run_p95"]), ms(m["run_max"]))) + "</tr>"
+                ms(m["run_p95"]), ms(m["run_max"])) + ((f"{m.get('working_peak', 0) / 1e9:.2f} GB",) if working else ()))
+            + "</tr>"
             for name, m in self["models"].items()
         )
         head = (f"<div>tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
@@ -144,7 +155,7 @@ class Stats:
 
     def feed(self, e: "Event | tuple") -> None:
         """Account one event (an ``Event``, or a tuple of its fields in order)."""
-        t, k, task, _, model, _, _, _, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
+        t, k, task, _, model, _, _, nbytes, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
         if vram is not None and vram > self.peak_vram:
             self.peak_vram = vram
         if k in _RESIDENCY:
@@ -175,6 +186,12 @@ class Stats:
             m.restore_seconds += duration or 0.0
         elif k in ("evict", "keep_alive"):
             self._m(model).evictions += 1
+        elif k == "working" or k == "working_measured":
+            m = self._m(model)
+            if k == "working":
+                m.working_peak = max(m.working_peak, nbytes or 0)
+            else:
+                m.working_measured = max(m.working_measured, nbytes or 0)
         elif k == "share_evict":
             self.evictions_for_others += 1
 
@@ -206,6 +223,7 @@ class Stats:
                 "restore_seconds": m.restore_seconds, "tasks": m.tasks, "failed": m.failed,
                 "wait_p50": _pct(waits, 0.5), "wait_p95": _pct(waits, 0.95), "wait_max": max(waits, default=0.0),
                 "run_p50": _pct(runs, 0.5), "run_p95": _pct(runs, 0.95), "run_max": max(runs, default=0.0),
+                "working_peak": m.working_peak, "working_measured": m.working_measured,
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
                            tasks=self.tasks, failed=self.failed, evictions_for_others=self.evictions_for_others,
@@ -345,6 +363,20 @@ def _spans(events: list[Event]) -> tuple[list, list, list, dict]:
     return tasks, load_spans, instants, vram
 
 
+def row_labels(events: Iterable[Event], rows: Iterable[str]) -> list[str]:
+    """Each context's row label: its name, with its SM share where it has one (the last
+    ``sm_share`` event), e.g. ``"asr · SM 0.25"`` or ``"asr · SM 0.25 (not enforced)"``."""
+    shares: dict[str, str] = {}
+    for e in events:
+        if e.kind == "sm_share" and e.model and e.reason:
+            text = e.reason.split(" (", 1)
+            label = text[0].replace("sm_share ", "SM ").replace("sm_count ", "SMs ")
+            if len(text) > 1 and "not enforced" in text[1]:
+                label += " (not enforced)"
+            shares[e.model] = label
+    return [f"{r} · {shares[r]}" if r in shares else r for r in rows]
+
+
 def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: Any = None,
              title: str | None = None) -> Any:
     """Draw the trace: one row per context (tasks coloured by model, loads hatched, evictions ▼), VRAM below.
@@ -397,7 +429,7 @@ def timeline(source: Trace | Iterable[Event], *, budget: int | None = None, ax: 
     if ev_x:
         top.scatter([x for x, _ in ev_x], [y + 0.45 for _, y in ev_x], marker="v", color="black", s=18, zorder=3)
     top.set_yticks(range(len(rows)))
-    top.set_yticklabels(rows)
+    top.set_yticklabels(row_labels(events, rows))
     top.set_ylim(-0.6, max(0.6, len(rows) - 0.4))
     top.set_title(title or f"gpuctx timeline — {len(tasks)} tasks")
     outside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
@@ -452,8 +484,8 @@ def export_chrome(source: Trace | Iterable[Event], path: str) -> None:
     for model, steps in vram.items():
         for t, nbytes in steps:
             out.append({"ph": "C", "pid": 1, "name": "VRAM", "ts": us(t), "args": {model: nbytes}})
-    for ctx, n in tids.items():
-        out.append({"ph": "M", "pid": 1, "tid": n, "name": "thread_name", "args": {"name": f"{ctx} (stream {ctx})"}})
+    for (ctx, n), label in zip(tids.items(), row_labels(events, tids)):
+        out.append({"ph": "M", "pid": 1, "tid": n, "name": "thread_name", "args": {"name": f"{label} (stream {ctx})"}})
     with open(path, "w", encoding="utf-8") as fh:
         json.dump({"traceEvents": out, "displayTimeUnit": "ms"}, fh)
 

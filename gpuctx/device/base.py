@@ -103,6 +103,11 @@ class Device(Protocol):
     def close(self) -> None:
         """Release streams and pools."""
 
+    # Optional, looked up with getattr (a backend without them neither measures working memory nor
+    # partitions SMs): ``measures_working`` (bool) with ``working_begin(context) -> token`` and
+    # ``working_end(context, token) -> bytes``, a task's working memory; ``sm_total() -> int | None``;
+    # ``partition(context, share, count) -> (enforced description | False, why not)``.
+
 
 def _weak(obj: Any) -> Any:
     """A weak reference to ``obj``, or None for objects that cannot have one (then nothing is reported)."""

@@ -14,6 +14,8 @@ __all__ = ["CpuDevice"]
 class CpuDevice:
     """No GPU: a declared budget, no streams, no events; torch objects measured by their tensors' bytes."""
 
+    measures_working = False   # working memory is declared only on the CPU
+
     def __init__(self, budget: int = DEFAULT_CPU_BUDGET) -> None:
         self.name = "cpu"
         self._budget = budget
@@ -70,6 +72,13 @@ class CpuDevice:
 
     def empty_caches(self) -> None:
         return None
+
+    def sm_total(self) -> None:
+        return None
+
+    def partition(self, context: str, share: float | None, count: int | None) -> tuple[bool, str]:
+        """No SMs to partition: an SM share is bookkeeping only."""
+        return False, "the CPU device has no SMs (bookkeeping only)"
 
     def close(self) -> None:
         return None

@@ -31,6 +31,13 @@ Each part, and why it is built the way it is:
   host memory on the context's stream, then rebound (``p.data = host``) only once every
   copy succeeded, so a failure leaves the module untouched on the card. ``restore`` is
   the mirror image. ``host_budget`` bounds the pinned bytes held.
+* **Working memory.** :meth:`CudaDevice.working_begin` / ``working_end`` bracket a task: the
+  allocator's peak during it minus what was allocated when it started (the weights of every
+  resident model and live tensors). torch's peak counter is per card, not per stream, so it is
+  reset only when no other task is being measured; a task overlapping another's may read the
+  other's allocations too (an over-estimate, which makes tasks wait, never run out of memory).
+* **SM partitions.** :meth:`CudaDevice.partition` makes a context's stream from a CUDA green
+  context with the asked number of SMs (:mod:`gpuctx.device.green`), or says what is missing.
 * **CuPy only.** Without a CUDA-enabled torch, CuPy provides streams, events, sizes and
   memory figures; offload and CUDA graphs need torch.
 """
@@ -292,6 +299,9 @@ class CudaDevice:
         self._context_bytes = CONTEXT_ESTIMATE
         self._fast = _torch_stream_calls(torch)
         self._known_streams: dict[tuple, Any] = {}
+        self.measures_working = torch is not None     # the caching allocator's peak counters
+        self._probes = 0                              # tasks being measured now
+        self._green: dict[str, Any] = {}             # context -> its green context (kept alive)
 
     def __repr__(self) -> str:
         return f"CudaDevice({self.name!r}, streams={len(self._streams)}, host_used={format_size(self.host_used)})"
@@ -767,6 +777,55 @@ class CudaDevice:
             raise ConfigError(f"{what} on {self.name}: needs torch with CUDA; only CuPy was found")
         return self._torch
 
+    # ------------------------------------------------------------------ working memory, SM partitions
+    def working_begin(self, context: str) -> int:
+        """Start measuring a task's working memory: reset the peak (when nothing else is measured);
+        return the bytes allocated now."""
+        torch = self._torch
+        with self._lock:
+            if not self._probes:
+                torch.cuda.reset_peak_memory_stats(self.index)
+            self._probes += 1
+        return int(torch.cuda.memory_allocated(self.index))
+
+    def working_end(self, context: str, before: int) -> int:
+        """The task's working memory: the allocator's peak since :meth:`working_begin` minus ``before``."""
+        peak = int(self._torch.cuda.max_memory_allocated(self.index))
+        with self._lock:
+            self._probes -= 1
+        return max(0, peak - before)
+
+    def sm_total(self) -> int | None:
+        """The card's SM count."""
+        from .green import sm_total
+
+        return sm_total(self._torch, self._cp, self.index)
+
+    def partition(self, context: str, share: float | None, count: int | None) -> tuple[str | bool, str]:
+        """Run ``context``'s kernels on ``count`` SMs (or ``share`` of them) from now on: its stream is
+        made from a green context. Returns ("enforced (...)", "") or (False, what is missing)."""
+        from . import green
+
+        why = green.missing(self._torch)
+        total = self.sm_total()
+        if why is None and not total:
+            why = "the card's SM count cannot be read"
+        if why is not None:
+            return False, why
+        n = count if count is not None else max(1, round(share * total))
+        try:
+            ctx, stream = green.make_stream(self._torch, self.index, n)
+        except Exception as exc:  # noqa: BLE001 - the card or driver refused: say so, run unpartitioned
+            return False, f"green context of {n} SMs failed: {type(exc).__name__}: {exc}"
+        with self._lock:
+            old = self._streams.get(context)
+            if old is not None:   # work already queued on the old stream comes first
+                stream.wait_stream(old)
+            self._green[context] = ctx
+            self._streams[context] = stream
+            self._cupy_streams.pop(context, None)
+        return f"enforced (green context, {n} of {total} SMs)", ""
+
     # ------------------------------------------------------------------ misc
     def is_oom(self, exc: BaseException) -> bool:
         """True when ``exc`` is an out-of-memory error of torch or CuPy."""
@@ -790,8 +849,10 @@ class CudaDevice:
             streams = list(self._streams.values())
             self._streams.clear()
             self._cupy_streams.clear()
+            greens, self._green = self._green, {}
         for s in streams:
             s.synchronize()
+        greens.clear()   # after their streams' work is done
         self.empty_caches()
         with self._lock:
             self._limits.clear()

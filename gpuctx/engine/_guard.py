@@ -13,7 +13,7 @@ The proof, in the four places it needs (all in this module but the last):
    as if the call had been submitted under the lock. A call failed there (a dependency had
    failed) goes to ``late`` and is resolved when the lock is released, as every future is.
 2. *Eligibility* (:meth:`_IntakeGate._may_skip_lock`, asked by ``submit``): only under the GIL,
-   only a plain call (no batch, no CPU routing, no ``after=``, no graph launch at submit) for a
+   only a plain call (no batch, no CPU routing, no ``after=``, no ``working=``, no graph launch at submit) for a
    slot that is busy, resident, unlimited (no ``max_queue``), of the same size, with no pressure
    handler and dependencies of this scheduler.
 3. *Publish, then look; mark idle, then look* (Dekker's handshake). The submitter appends, then
@@ -125,7 +125,7 @@ class _IntakeGate:
 
     def _may_skip_lock(self, spec: TaskSpec, deps: list) -> Slot | None:
         """The slot a call may be submitted to without the lock (point 2 of the module's proof), or None."""
-        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after
+        if (_GIL and spec.batch_size <= 1 and spec.device is None and not spec.after and spec.working is None
                 and not (spec.cuda_graph and not deps)):
             slot = self._slots.get(spec.model)
             if (slot is not None and slot.busy and slot.state == policy.RESIDENT and slot.max_queue is None

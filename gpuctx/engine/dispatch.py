@@ -42,6 +42,7 @@ class _Dispatch:
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
+                working=s.working_charged, next_working=self._next_working_locked(s), sm_share=s.sm_share,
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
 
@@ -61,8 +62,8 @@ class _Dispatch:
             for v in start.evict:
                 victim = self._slots[v]
                 self._mark_evicting_locked(victim, f"room for {start.slot!r}: {policy.victim_reason(views[v])}")
-            if start.need:
-                self._ledger.claims[start.slot] = start.need
+            if start.need:   # the charge the group will have: held for it until its group ends
+                self._ledger.claims[start.slot] = policy.charge(views[start.slot]) + start.need
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
         self._cond.notify_all()
 

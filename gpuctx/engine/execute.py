@@ -27,11 +27,11 @@ class _Execution:
         device = self._device
         try:
             if device.name == "cpu":   # no stream to switch to
-                value = self._run_bodies(slot, spec, batch)
+                value = self._measured_run(slot, spec, batch)
             else:
                 with device.stream_scope(slot.name):
                     self._order_inputs(slot.name, batch)
-                    value = self._run_bodies(slot, spec, batch)
+                    value = self._measured_run(slot, spec, batch)
                     event = device.record_event(slot.name)
                 for t in batch:
                     t._event = event

@@ -46,6 +46,7 @@ class _Groups:
             self._drain(slot)
         finally:
             with self._cond:
+                self._end_work_locked(slot)   # whatever ended the group, its working memory is free
                 self._set_idle_locked(slot)
                 slot.last_used = self._clock()
                 self._ledger.claims.pop(name, None)
@@ -86,6 +87,7 @@ class _Groups:
                             if outcome[0] == "err":
                                 self._to_scrub.setdefault(slot.name, []).append(outcome[1])
                         prev = prev_out = t = outcome = ()   # the results are the futures' now, not this frame's
+                        self._end_work_locked(slot)
                         slot.last_used = self._clock()
                         if woke:   # dependents became ready (or failed): other slots may start now
                             self._dispatch_locked()
@@ -113,6 +115,7 @@ class _Groups:
         if self._others_waiting_locked(slot) and policy.should_yield(self._snapshot_locked(), slot.name):
             return []
         head = slot.peek(self._clock, self.config.max_wait)   # an overdue task goes first
+        head = self._start_work_locked(slot, head)   # its working memory charged; None: step aside
         if head is None:
             return []
         spec: TaskSpec = head._spec

@@ -56,7 +56,7 @@ class _Intake:
                 slot = Slot(name=spec.model)
             on_cpu = spec.device == "cpu"
             if not on_cpu and not (slot.state == policy.RESIDENT and (spec.vram is None or spec.vram == slot.size)
-                                   and not self._handlers):
+                                   and not self._handlers and spec.working is None):
                 # A resident model fits (the ledger charged it); anything else is checked.
                 on_cpu = self._admit_locked(slot, spec)
             if not on_cpu and slot.max_queue is not None:
@@ -149,10 +149,13 @@ class _Intake:
                 size = spec.vram
         try:
             self._check_fits_locked(slot, size, what=f"{spec.name} (model {slot.name!r})")
+            self._check_working_locked(slot, size, spec.working, f"{spec.name} (model {slot.name!r})")
         except BudgetError:
             if policy.route_to_cpu(spec.fallback, fits_ever=False, fits_now=False):
                 return True
             raise
+        if spec.working is not None:
+            self._task_working = True   # from now on the plan looks at each queue's head for its working memory
         if size != slot.size or (spec.vram is not None and slot.size_source in ("label", "auto")):
             slot.size, slot.size_source = size, "task"
         return spec.fallback == "cpu" and policy.route_to_cpu(

@@ -10,6 +10,7 @@ from .. import policy
 from ..errors import BudgetError, ConfigError
 from ..models import OVERFLOW_POLICIES, QoS, Slot
 from ..units import format_size, parse_size
+from .working import check_sm, check_working, warn_sm
 
 
 class _Registry:
@@ -30,7 +31,8 @@ class _Registry:
                        priority: int = 0, pin: bool = False, keep_alive: float | None = None,
                        unload: Callable[[Any], Any] | None = None, offload: bool | None = None,
                        max_queue: int | None = None, overflow: str | None = None,
-                       origin: tuple | None = None, partial: bool = False) -> Slot:
+                       origin: tuple | None = None, partial: bool = False, working: int | str | None = None,
+                       sm_share: float | None = None, sm_count: int | None = None) -> Slot:
         """Register (or register again) a model's loader and settings.
 
         ``origin`` is (file, line, module, globals) of the registration in the user's code:
@@ -39,17 +41,21 @@ class _Registry:
         Everything is checked before anything changes: a refused registration leaves the model
         as it was. Registering again (a notebook cell run twice, edited) replaces the old
         registration: a new loader or size takes effect at the next load, and the old object is
-        evicted as soon as it is idle, with a note.
+        evicted as soon as it is idle, with a note. ``working`` is the working memory a task
+        needs while it runs (None: the measured estimate); ``sm_share``/``sm_count`` its SM share.
         """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"model name={name!r}: expected a non-empty string")
         auto = vram == "auto"
         size = None if (vram is None or auto) else parse_size(vram, arg="vram")
+        working_b = check_working(working)
+        share, count = check_sm(sm_share, sm_count, f"model {name!r}")
+        self._check_sm_count(name, count)
         _check_queue_limits(name, max_queue, overflow)
         if partial is not False and (partial is not True or size is None):
             raise ConfigError(f"model {name!r}: partial={partial!r} with vram={vram!r}: expected partial=True with "
                               "vram= the bytes the model may use on the card, like vram='8GB'")
-        note, evict_now = None, False
+        note, evict_now, sm_note = None, False, None
         with self._cond:
             s = self._slots.get(name) or Slot(name=name)   # recorded only once every check passed
             if size is not None:
@@ -57,7 +63,11 @@ class _Registry:
                     raise BudgetError(f"model {name!r}: vram={format_size(size)} is above its context's "
                                       f"max_vram={format_size(s.max_vram)}")
                 self._check_fits_locked(s, size, what=f"model {name!r}", pinned=False)
+            self._check_working_locked(s, size if size is not None else s.size, working_b, f"model {name!r}",
+                                       pinned=False)
             self._slots[name] = s
+            s.working = working_b
+            sm_note = self._set_sm_share_locked(s, share, count)
             if origin is not None:
                 self._origins[name] = origin
             changed = []
@@ -90,6 +100,8 @@ class _Registry:
             self._evict_marked(s, "registered again", keep_host_copy=False)
         if note:
             _warn_at(origin, note)
+        if sm_note:
+            _warn_at(origin, sm_note)
         return s
 
     def set_queue_limits(self, name: str, max_queue: int | None, overflow: str | None) -> None:
@@ -125,8 +137,10 @@ class _Registry:
             )
 
     def create_context(self, name: str, *, max_vram: int | str | None = None, base_vram: int | str | None = None,
-                       qos: object = QoS.BURSTABLE, max_queue: int | None = None, overflow: str | None = None) -> Slot:
-        """Create an execution context with a QoS tier; GUARANTEED/BURSTABLE reservations are admitted now."""
+                       qos: object = QoS.BURSTABLE, max_queue: int | None = None, overflow: str | None = None,
+                       sm_share: float | None = None, sm_count: int | None = None) -> Slot:
+        """Create an execution context with a QoS tier; GUARANTEED/BURSTABLE reservations are admitted now.
+        ``sm_share``/``sm_count``: its share of the GPU's SMs (see :mod:`gpuctx.engine.working`)."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"context name={name!r}: expected a non-empty string")
         tier = QoS.parse(qos)
@@ -146,6 +160,8 @@ class _Registry:
         if mx is not None and base > mx:
             raise ConfigError(f"context {name!r}: base_vram={format_size(base)} is larger than max_vram={format_size(mx)}")
         _check_queue_limits(name, max_queue, overflow)
+        share, count = check_sm(sm_share, sm_count, f"context {name!r}")
+        self._check_sm_count(name, count)
         while True:
             with self._cond:
                 if mx is not None and mx > self.budget:
@@ -162,9 +178,12 @@ class _Registry:
                     self._slots[name] = s
                     s.qos, s.base, s.max_vram, s.explicit_context = tier, base, mx, True
                     _apply_queue_limits(s, max_queue, overflow)
-                    return s
+                    sm_note = self._set_sm_share_locked(s, share, count)
+                    break
             for v in victims:   # idle best-effort and burst memory goes, so the reservation holds
                 self._evict_marked(self._slots[v], f"room for context {name!r}'s reservation")
+        warn_sm(sm_note)
+        return s
 
     def _reclaim_for_locked(self, name: str, tier: int, base: int) -> tuple[str, ...]:
         """Idle models of tier <= ``tier`` to evict (marked here) so ``base`` bytes can be reserved."""
@@ -179,7 +198,21 @@ class _Registry:
         return victims or ()
 
     def explain(self, name: str, vram: int | str | None = None) -> str:
-        """Why a request for ``vram`` in context ``name`` would be admitted now, wait, or fail."""
+        """Why a request for ``vram`` in context ``name`` would be admitted now, wait, or fail;
+        for a context with an SM share, also whether that share fits beside what runs now."""
+        memory = self._explain_memory(name, vram)
+        with self._cond:
+            s = self._slots.get(name)
+            if s is None or not s.sm_share:
+                return memory
+            snap = self._snapshot_locked()
+            view = next(v for v in snap.slots if v.name == name)
+            sm = policy.sm_explain(snap, name, s.sm_share)
+        if not policy.sm_fits(snap, view) and memory.startswith("admitted"):
+            return f"waits: {sm} (memory: {memory})"
+        return f"{memory}; {sm}"
+
+    def _explain_memory(self, name: str, vram: int | str | None = None) -> str:
         with self._cond:
             s = self._slots.get(name)
             size = parse_size(vram) if vram is not None else (s.size if s else 0)

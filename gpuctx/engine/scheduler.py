@@ -32,6 +32,7 @@ from .residency import _Residency
 from .session import Session
 from .spec import Config, current_frame
 from .state import _QUEUED, _Transitions, _WAITING, _resolve
+from .working import _Working
 
 
 class EngineView(NamedTuple):
@@ -43,7 +44,8 @@ class EngineView(NamedTuple):
     tasks: tuple    # live Tasks, oldest first
 
 
-class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency, _Execution, _Transitions):
+class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency, _Execution, _Transitions,
+                _Working):
     """One per kernel: accepts tasks, keeps VRAM within budget, runs groups on per-slot workers.
 
     Args:
@@ -80,6 +82,9 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._stale: set[str] = set()          # models registered again while in use: evict at group end
         self._to_scrub: dict[str, list] = {}   # slot -> errors of its group whose callers' frames to clear
         self._fn_live: dict[Callable, "weakref.WeakSet[Task]"] = {}
+        self._working_waiters: list[str] = []   # slots whose next task waits for working memory, in order
+        self._task_working = False             # some @gpu_task declared working= (the plan looks at heads)
+        self._sm_warned = False                # the one "sm_share not enforced" warning was given
         self.trace = Trace(self.config.trace_capacity, clock=clock)
         self.trace.budget = self._ledger.budget
         self._hk_wake = self._driver.event()
@@ -181,6 +186,11 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         """Bytes the ledger counts now."""
         with self._cond:
             return self._ledger.committed()
+
+    def peak_committed(self) -> int:
+        """The most bytes the ledger ever counted at once (weights, reservations and working memory)."""
+        with self._cond:
+            return self._ledger.peak
 
     def healthy(self) -> tuple[bool, list[str]]:
         """False, with reasons, when a queue is 80% full or more."""

@@ -108,6 +108,7 @@ class TaskSpec:
     batch_wait: float = 0.0
     cuda_graph: bool = False
     oom_retries: int | None = None
+    working: int | None = None           # working memory a call needs while it runs; None: the model's
 
     @functools.cached_property
     def is_async(self) -> bool:

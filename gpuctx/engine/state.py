@@ -10,6 +10,9 @@ State (one :class:`~gpuctx.engine.Scheduler` holds it all, guarded by ``_cond``)
 ``_graph_runners`` (function, context) -> captured CUDA graphs.
 ``_handlers``      memory-pressure handlers.
 ``_closed``        shutdown began; ``_cancel_on_close``: queued work is being cancelled.
+``_working_waiters`` slots whose next task waits for working memory, first asked first
+                   (:mod:`.working`); ``_task_working``: some call declared ``working=``;
+                   ``_sm_warned``: the one "SM share not enforced" warning was given.
 ``_cond.intake``   calls submitted without the lock, not yet linked (see :mod:`._guard`).
 
 A task moves ``WAITING -> QUEUED -> RUNNING -> DONE | FAILED``, or from WAITING or QUEUED to
