@@ -52,6 +52,7 @@ from .errors import (
     Overloaded,
     SchedulerClosed,
     WaitDeadlock,
+    WorkerLost,
 )
 from .models import QoS
 from .task import Task, TaskState
@@ -78,6 +79,7 @@ __all__ = [
     # errors
     "GpuCtxError", "ConfigError", "CycleError", "BudgetError", "AdmissionError", "DependencyError",
     "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "WaitDeadlock",
+    "WorkerLost",
     "load_ipython_extension", "unload_ipython_extension", "__version__",
 ]
 

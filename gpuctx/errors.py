@@ -12,6 +12,7 @@
      ├── GpuOutOfMemory                          out of memory after the retries
      ├── Overloaded                              a queue limit turned the task away
      ├── BatchError                              a batch function broke its contract
+     ├── WorkerLost                              a cluster worker died while the task ran
      ├── SchedulerClosed (also RuntimeError)     submit after shutdown
      └── WaitDeadlock (also RuntimeError)        a wait that could never end
 
@@ -31,6 +32,7 @@ __all__ = [
     "GpuOutOfMemory",
     "Overloaded",
     "BatchError",
+    "WorkerLost",
     "SchedulerClosed",
     "WaitDeadlock",
 ]
@@ -74,6 +76,10 @@ class Overloaded(GpuCtxError):
 
 class BatchError(GpuCtxError):
     """A batched function returned something other than one result per input."""
+
+
+class WorkerLost(GpuCtxError):
+    """A cluster worker died (its actor or its node) while this task ran there; the message names it."""
 
 
 class SchedulerClosed(GpuCtxError, RuntimeError):
