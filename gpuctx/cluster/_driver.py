@@ -428,6 +428,10 @@ class ClusterScheduler:
         """No wait on the driver can deadlock a worker: nothing to check."""
 
     # ------------------------------------------------------------------ observing
+    def actors(self) -> dict[str, Any]:
+        """The Ray actor handle of each worker, by name (to call one, or kill one in a test)."""
+        return {w.name: w.actor for w in self._workers}
+
     def workers(self) -> list[dict]:
         """A row per worker (name, device, budget, alive, lost, resident, queued, running)."""
         import ray

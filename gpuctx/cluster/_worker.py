@@ -78,9 +78,9 @@ class GpuWorker:
     # -- calls -----------------------------------------------------------------------------
     async def submit(self, tid: int, spec: TaskSpec, call: tuple) -> float:
         """Fetch the arguments, submit the call here, return when its body starts (the start time)."""
-        loop = self._loop = asyncio.get_running_loop()
-        started, done = loop.create_future(), loop.create_future()
-        self._calls[tid] = (started, done)
+        self._loop = asyncio.get_running_loop()
+        started, done = self._entry(tid)
+        loop = self._loop
         args, kwargs = call
         try:
             refs = _walk.collect((args, kwargs), _is_ref)
@@ -108,12 +108,21 @@ class GpuWorker:
 
     async def result(self, tid: int) -> tuple[Any, dict]:
         """``(value, info)`` once call ``tid`` has ended; its error raised when it failed."""
-        started, done = self._calls[tid]
+        started, done = self._entry(tid)
         try:
             value, ran = await done
         finally:
             del self._calls[tid]
         return value, {"ran": ran, "nbytes": _nbytes(value), "holds": self.holds()}
+
+    def _entry(self, tid: int) -> tuple[asyncio.Future, asyncio.Future]:
+        # Ray may start an async actor's calls out of order: whichever of submit and result
+        # comes first makes the pair (both run on the loop's thread).
+        entry = self._calls.get(tid)
+        if entry is None:
+            loop = asyncio.get_running_loop()
+            entry = self._calls[tid] = (loop.create_future(), loop.create_future())
+        return entry
 
     def holds(self) -> list[tuple[str, str, int, float, bool]]:
         """(model, state, bytes, load seconds, busy) for every slot here, as the router needs them."""
