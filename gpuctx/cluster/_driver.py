@@ -63,6 +63,7 @@ class ClusterTask(Task):
     _has_value = False
     _error: BaseException | None = None
     _pending: tuple = ()
+    _cluster: Any = None
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value, fetched from the object store (see `Task.result`)."""
@@ -205,13 +206,14 @@ class ClusterScheduler:
                 with self._lock:
                     order.extend(t for t in self._fn_live.get(item.__gpuctx_spec__.fn, ()) if not t.done())
         for d in deps + order:
-            if not isinstance(d, ClusterTask) or d._owner is not self:
+            if not isinstance(d, ClusterTask) or d._cluster is not self:
                 raise ConfigError(f"{spec.name}(): a dependency {d!r} does not belong to this cluster")
         size = spec.vram if spec.vram is not None else self._sizes.get(spec.model, 0)
         self._check_fits(size, f"{spec.name}() on model {spec.model!r}")
         task = ClusterTask(next(self._ids), spec.name, spec.model, spec.priority, self)
+        task._cluster = self
         task.submitted_at = time.time()
-        task._spec, task._call, task._data = replace(spec, after=()), (args, kwargs), list(dict.fromkeys(deps))
+        task._job, task._call, task._data = replace(spec, after=()), (args, kwargs), list(dict.fromkeys(deps))
         task._waits = list(dict.fromkeys(deps + order))
         task._retries = spec.max_retries
         ends: list = []
@@ -248,7 +250,7 @@ class ClusterScheduler:
         self._send_locked(task, ends)
 
     def _send_locked(self, task: ClusterTask, ends: list) -> None:
-        size = task._spec.vram if task._spec.vram is not None else self._sizes.get(task.model, 0)
+        size = task._job.vram if task._job.vram is not None else self._sizes.get(task.model, 0)
         name = policy.route(self._views(), task.model, size, self._load_s(task.model))
         if name is None:
             self._end_locked(task, ends, error=WorkerLost(
@@ -263,7 +265,7 @@ class ClusterScheduler:
         args, kwargs = _walk.replace(task._call, lambda x: isinstance(x, ClusterTask), lambda t: t.ref)
         task.worker, task.state = w.name, TaskState.QUEUED
         w.tasks[task.id] = task
-        start = w.actor.submit.remote(task.id, task._spec, (args, kwargs))
+        start = w.actor.submit.remote(task.id, task._job, (args, kwargs))
         value, info = w.actor.result.options(num_returns=2).remote(task.id)
         task._pending = (start, value, info)
         self._refs[start] = ("start", task)
@@ -276,7 +278,7 @@ class ClusterScheduler:
         task._error = error
         task.ended_at = time.time()
         self._live.pop(task.id, None)
-        self._fn_live.get(task._spec.fn, set()).discard(task)
+        self._fn_live.get(task._job.fn, set()).discard(task)
         ends.append((task, "cancel" if cancel else error))
         for dep in task._dependents:
             dep._ndeps -= 1
