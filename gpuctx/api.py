@@ -828,6 +828,8 @@ def status() -> "_status.Status":
 def timeline(**kwargs: Any) -> Any:
     """Draw the trace as a matplotlib figure: tasks per context over time, loads and evictions, VRAM per model.
 
+    On a cluster, one lane per worker and model (`w0/whisper`), every worker's events on one clock.
+
     Args:
         **kwargs: passed on to the drawing: `ax` (a matplotlib Axes for the task rows, or a pair
             `(tasks_ax, vram_ax)`; default: a new figure) and `title` (the task panel's title).
@@ -838,7 +840,7 @@ def timeline(**kwargs: Any) -> Any:
     from .trace import timeline as _timeline
 
     s = scheduler()
-    return _timeline(s.trace, budget=s.budget, **kwargs)
+    return _timeline(s.events() if _config.cluster is not None else s.trace, budget=s.budget, **kwargs)
 
 
 def export_trace(path: str) -> None:
@@ -849,7 +851,8 @@ def export_trace(path: str) -> None:
     """
     from .trace import export_chrome
 
-    export_chrome(scheduler().trace, path)
+    s = scheduler()
+    export_chrome(s.events() if _config.cluster is not None else s.trace, path)
 
 
 def _as_function(obj: Callable) -> Callable:

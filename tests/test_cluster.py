@@ -8,6 +8,7 @@ across processes. The policy's routing rule is tested as a pure function at the 
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import sys
@@ -103,7 +104,7 @@ def test_the_same_code_gives_the_same_results_locally_and_on_the_cluster(cluster
     assert set(st["workers"]) == {"w0", "w1", "w2"}
 
 
-def test_calls_go_to_the_worker_where_their_model_is_resident(cluster):
+def test_calls_go_to_the_worker_where_their_model_is_resident(cluster, tmp_path):
     cluster(workers=3)
 
     @gpuctx.model("slowload", vram="2GB")
@@ -126,6 +127,11 @@ def test_calls_go_to_the_worker_where_their_model_is_resident(cluster):
     rows = {w.name: w for w in gpuctx.status().workers}
     assert [m for m, _ in rows[home].resident] == ["slowload"]
     assert all(not rows[n].resident for n in rows if n != home)
+    out = tmp_path / "trace.json"
+    gpuctx.export_trace(str(out))           # the timeline's lanes: one per worker and model
+    lanes = {e["args"]["name"] for e in json.loads(out.read_text())["traceEvents"] if e["name"] == "thread_name"}
+    assert f"{home}/slowload (stream {home}/slowload)" in lanes
+    assert all(lane.startswith(home) for lane in lanes)
 
 
 def test_a_cross_worker_dependency_travels_as_an_object_ref_not_through_the_driver(cluster, tmp_path):

@@ -33,7 +33,7 @@ from .. import _walk, policy
 from ..engine import Config, TaskSpec
 from ..errors import BudgetError, ConfigError, DependencyError, SchedulerClosed, WorkerLost
 from ..task import Task, TaskState
-from ..trace import StatsReport
+from ..trace import Event, StatsReport
 from ..units import format_size, parse_size
 from ._worker import GpuWorker
 
@@ -87,6 +87,7 @@ class _Worker:
     tasks: dict = field(default_factory=dict)       # tid -> ClusterTask sent here, not ended
     holds: dict = field(default_factory=dict)       # model -> (state, bytes, load seconds, busy)
     stats: dict = field(default_factory=dict)       # the last stats it gave
+    events: tuple = ()                              # the last (clock offset, events) it gave
 
 
 class ClusterScheduler:
@@ -320,7 +321,11 @@ class ClusterScheduler:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05, fetch_local=False)
+            # Back at once when one is ready (then take every other ready one too); else every
+            # 50 ms, to add the refs of calls sent meanwhile. fetch_local=False: only notes.
+            ready, rest = ray.wait(refs, num_returns=1, timeout=0.05, fetch_local=False)
+            if ready and rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
             for ref in ready:
                 self._arrived(ref)
 
@@ -430,6 +435,11 @@ class ClusterScheduler:
         """No wait on the driver can deadlock a worker: nothing to check."""
 
     # ------------------------------------------------------------------ observing
+    def tasks(self) -> list[ClusterTask]:
+        """The live tasks (waiting at the driver, queued or running on a worker), oldest first."""
+        with self._lock:
+            return sorted(self._live.values(), key=lambda t: t.id)
+
     def actors(self) -> dict[str, Any]:
         """The Ray actor handle of each worker, by name (to call one, or kill one in a test)."""
         return {w.name: w.actor for w in self._workers}
@@ -456,6 +466,32 @@ class ClusterScheduler:
                 rows.append(dict(name=w.name, device=w.device, budget=w.budget, alive=w.alive, lost=w.lost,
                                  resident=resident, queued=len(w.tasks) - running, running=running))
         return rows
+
+    def events(self) -> list[Event]:
+        """Every worker's trace events on one clock (wall time), each lane named ``worker/model``,
+        for `gpuctx.timeline` and `gpuctx.export_trace` (a lost worker's: the last ones fetched)."""
+        import ray
+
+        live = [w for w in self._workers if w.alive]
+        try:
+            fresh = ray.get([w.actor.events.remote() for w in live], timeout=30)
+        except Exception:  # noqa: BLE001 - a worker died while asked: keep what it gave last
+            fresh = [w.events for w in live]
+        for w, ev in zip(live, fresh):
+            w.events = ev
+        out = []
+        for w in self._workers:
+            offset, events = w.events or (0.0, [])
+            lane = lambda x, w=w: None if x is None else f"{w.name}/{x}"  # noqa: E731
+            out.extend(replace(e, t=e.t + offset, model=lane(e.model), context=lane(e.context), stream=lane(e.stream))
+                       for e in events)
+        out.sort(key=lambda e: e.t)
+        return out
+
+    @property
+    def budget(self) -> int:
+        """The sum of the workers' budgets (what the timeline's VRAM panel stacks up against)."""
+        return sum(w.budget for w in self._workers)
 
     def stats(self) -> StatsReport:
         """The sums over the workers, as on one process, plus ``workers`` (each worker's own stats,

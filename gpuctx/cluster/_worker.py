@@ -49,7 +49,7 @@ class GpuWorker:
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
-        self.sched = Scheduler(config)
+        self.sched = Scheduler(config, clock=time.perf_counter)   # a known clock: events() maps it to wall time
         self._calls: dict[int, tuple[asyncio.Future, asyncio.Future]] = {}
         self._watched: dict[Callable, Callable] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,6 +132,10 @@ class GpuWorker:
     def stats(self) -> dict:
         """This worker's stats (loads, switches, per model), as ``gpuctx.stats()`` gives them."""
         return dict(self.sched.trace.stats.as_dict())
+
+    def events(self) -> tuple[float, list]:
+        """(wall time minus this engine's clock, the trace's events), for the driver's timeline."""
+        return time.time() - time.perf_counter(), self.sched.trace.events
 
     def shutdown(self) -> None:
         """Stop the engine, unloading every model."""
