@@ -18,6 +18,7 @@ import pytest
 
 from gpuctx import policy
 from gpuctx.policy import WorkerView
+from gpuctx.status import Status as LocalStatus
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402  (vendored by ray)
@@ -102,6 +103,30 @@ def test_the_same_code_gives_the_same_results_locally_and_on_the_cluster(cluster
     st = gpuctx.stats()
     assert st["tasks"] == 24 and st["failed"] == 0
     assert set(st["workers"]) == {"w0", "w1", "w2"}
+
+
+def test_a_failed_call_fails_its_consumers_and_configure_cluster_none_goes_back_to_one_process(cluster):
+    cluster(workers=2)
+
+    @gpuctx.gpu_task(model="p", vram="1GB")
+    def boom(x):
+        raise KeyError(x)
+
+    @gpuctx.gpu_task(model="q", vram="1GB")
+    def after(v):
+        return v
+
+    bad = boom("nope")
+    downstream = after(after(bad))
+    with pytest.raises(KeyError):
+        bad.result(30)
+    with pytest.raises(gpuctx.DependencyError, match=r"after\(\): its dependency Task #\d+ after failed: KeyError") as err:
+        downstream.result(30)
+    assert isinstance(err.value.__cause__, KeyError)
+    assert gpuctx.stats()["failed"] == 1          # only the body that ran and raised
+    gpuctx.configure(cluster=None)
+    assert isinstance(gpuctx.status(), LocalStatus)
+    assert after(5).result(10) == 5               # the same function, now on this process
 
 
 def test_calls_go_to_the_worker_where_their_model_is_resident(cluster, tmp_path):

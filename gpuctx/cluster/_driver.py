@@ -205,7 +205,7 @@ class ClusterScheduler:
                 order.append(item)
             else:
                 with self._lock:
-                    order.extend(t for t in self._fn_live.get(item.__gpuctx_spec__.fn, ()) if not t.done())
+                    order.extend(t for t in self._fn_live.get(item.__gpuctx_spec__.fn, ()) if not t.state.terminal)
         for d in deps + order:
             if not isinstance(d, ClusterTask) or d._cluster is not self:
                 raise ConfigError(f"{spec.name}(): a dependency {d!r} does not belong to this cluster")
@@ -227,7 +227,9 @@ class ClusterScheduler:
             self._fn_live.setdefault(spec.fn, set()).add(task)
             task._ndeps = 0
             for d in task._waits:
-                if not d.done():
+                # The driver's state, not the future's: one that ended in another thread's critical
+                # section is resolved only after it, and its dependents were taken already.
+                if not d.state.terminal:
                     task._ndeps += 1
                     d.__dict__.setdefault("_dependents", []).append(task)
             if task._ndeps == 0:
