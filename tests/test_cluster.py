@@ -13,24 +13,28 @@ import os
 import pathlib
 import sys
 import time
+from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+import gpuctx
 from gpuctx import policy
 from gpuctx.policy import WorkerView
 from gpuctx.status import Status as LocalStatus
 
-ray = pytest.importorskip("ray")
-from ray import cloudpickle  # noqa: E402  (vendored by ray)
-
-import gpuctx  # noqa: E402
-
-cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the bodies travel by value, as a notebook's do
 GB = 10**9
+ray = None   # imported by the fixture: the policy tests below run without ray installed
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    global ray
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the bodies travel by value, as a notebook's do
     ray.init(num_cpus=2, resources={"gpuctx_vram_gb": 32}, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, configure_logging=False)
     yield
@@ -304,3 +308,30 @@ def test_route_skips_dead_and_too_small_workers_and_says_none_when_nothing_fits(
     assert policy.route(ws[:2], "m", 3 * GB, load_cost=1.0) is None
     assert policy.largest_worker(ws).name == "c"
     assert policy.should_replicate(5.0, 2.0) and not policy.should_replicate(4.0, 2.0)
+
+
+_views = st.lists(st.builds(
+    WorkerView, name=st.just(""), budget=st.integers(1, 16).map(lambda g: g * GB),
+    free=st.integers(-8, 16).map(lambda g: g * GB), backlog=st.floats(0, 50),
+    holds=st.lists(st.sampled_from(["m", "x", "y"]), max_size=3).map(tuple),
+    idle=st.lists(st.tuples(st.sampled_from(["x", "y"]), st.integers(1, 8).map(lambda g: g * GB),
+                            st.floats(0, 10)), max_size=2).map(tuple),
+    alive=st.booleans()), max_size=5).map(lambda ws: [replace(w, name=f"w{i}") for i, w in enumerate(ws)])
+
+
+@given(_views, st.integers(1, 12), st.floats(0.01, 10))
+def test_route_picks_a_live_worker_that_can_hold_the_model_and_keeps_affinity_unless_replicating(ws, gb, load):
+    size = gb * GB
+    got = policy.route(ws, "m", size, load)
+    fit = [w for w in ws if w.alive and w.budget >= size]
+    if not fit:
+        assert got is None
+        return
+    chosen = next(w for w in fit if w.name == got)
+    holders = [w for w in fit if "m" in w.holds]
+    if holders and "m" not in chosen.holds:     # a replica: only when the holder's queue is long
+        home = min(holders, key=lambda w: w.backlog)
+        assert policy.should_replicate(home.backlog, load)
+        assert policy.placement_cost(chosen, size, load) < home.backlog
+    if not holders:                              # a placement: the cheapest
+        assert policy.placement_cost(chosen, size, load) == min(policy.placement_cost(w, size, load) for w in fit)
