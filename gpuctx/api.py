@@ -91,16 +91,20 @@ def configure(**settings: Any) -> Config:
             from .device import make_device
 
             make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
-        if _sched is not None and not _sched.closed:
-            if _restarts(_config, new):
-                old, _sched = _sched, None
-                old.shutdown(wait=True)
-            elif new.cluster is None:
-                _sched.reconfigure(**settings)
+        running = _sched is not None and not _sched.closed
+        if running and _restarts(_config, new):
+            fresh = None
+            if new.cluster is not None and _config.cluster is None:
+                fresh = _start_cluster(new)   # before stopping this process's engine: a failure changes nothing
+            old, _sched = _sched, None
+            old.shutdown(wait=True)           # a cluster's workers go first: their GPUs are for the new ones
+            _sched = fresh
+        elif running and new.cluster is None:
+            _sched.reconfigure(**settings)
+        if new.cluster is not None and (_sched is None or _sched.closed):
+            _sched = _start_cluster(new)      # start the workers now: a bad cluster setting fails here
         _config = new
         _shut = False
-        if new.cluster is not None:
-            scheduler()   # start the workers now: a bad cluster setting fails here
         return new
 
 
@@ -139,7 +143,7 @@ def scheduler() -> Scheduler:
             )
         if _sched is None or _sched.closed:
             if _config.cluster is not None:
-                _sched = _start_cluster()
+                _sched = _start_cluster(_config)
                 return _sched
             s = Scheduler(_config)
             for name, kw in _contexts.items():
@@ -154,7 +158,7 @@ def scheduler() -> Scheduler:
         return _sched
 
 
-def _start_cluster() -> Any:
+def _start_cluster(config: Config) -> Any:
     """The cluster's driver (gpuctx.cluster), with every registration replayed to its workers."""
     if _contexts or _handlers:
         raise ConfigError("configure(cluster='ray'): contexts and memory-pressure handlers are per process; "
@@ -162,7 +166,7 @@ def _start_cluster() -> Any:
                           "call gpuctx.reset() first")
     from .cluster import start
 
-    c = start(_config)
+    c = start(config)
     try:
         for name, kw in _models.items():
             c.register_model(name, **kw)

@@ -97,6 +97,9 @@ class ClusterScheduler:
         import ray
 
         self.config = config
+        if config.device == "cpu" and (config.budget is None or config.workers is None):
+            raise ConfigError(f"configure(cluster='ray', device='cpu'): expected workers=N and budget= (each "
+                              f"worker's declared VRAM); got workers={config.workers!r}, budget={config.budget!r}")
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             self._init_ray(config)
@@ -109,7 +112,12 @@ class ClusterScheduler:
         self._fn_live: dict[Any, set] = {}
         self._counts = {"cross_worker": 0, "cross_worker_bytes": 0, "moved": 0, "retried": 0}
         self._closed = False
-        self._workers = self._start_workers(config)
+        try:
+            self._workers = self._start_workers(config)
+        except BaseException:
+            if self._own_ray:
+                ray.shutdown()
+            raise
         self._wake = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="gpuctx-cluster-watch", daemon=True)
         self._watcher.start()
@@ -135,11 +143,9 @@ class ClusterScheduler:
         count = config.workers
         if count is None:
             count = int(ray.cluster_resources().get("GPU", 0))
-            if on_cpu or count == 0:
+            if count == 0:
                 raise ConfigError("configure(cluster='ray'): workers=None means one per GPU, and the Ray cluster "
                                   "has none; give workers=N (with device='cpu' and a budget on a machine without GPUs)")
-        if on_cpu and config.budget is None:
-            raise ConfigError("configure(cluster='ray', device='cpu'): expected budget= (each worker's declared VRAM)")
         opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 10_000}
         if not on_cpu:
             opts["num_gpus"] = 1    # Ray makes the worker's card its cuda:0
