@@ -19,6 +19,7 @@ from .api import (
     create_context,
     current_device,
     current_model,
+    dashboard,
     evict,
     explain,
     export_trace,
@@ -51,6 +52,7 @@ from .errors import (
     ModelLoadError,
     Overloaded,
     SchedulerClosed,
+    ShareError,
     WaitDeadlock,
     WorkerLost,
 )
@@ -73,12 +75,12 @@ __all__ = [
     # streams and events
     "get_stream", "record_event", "wait_event",
     # observing
-    "stats", "status", "timeline", "export_trace",
+    "stats", "status", "timeline", "export_trace", "dashboard",
     # sizes
     "parse_size", "format_size", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB",
     # errors
     "GpuCtxError", "ConfigError", "CycleError", "BudgetError", "AdmissionError", "DependencyError",
-    "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "WaitDeadlock",
+    "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "ShareError", "WaitDeadlock",
     "WorkerLost",
     "load_ipython_extension", "unload_ipython_extension", "__version__",
 ]

@@ -1,4 +1,5 @@
-"""``python -m gpuctx demo``: the reference video pipeline on the default device.
+"""``python -m gpuctx demo``: the reference video pipeline on the default device;
+``python -m gpuctx top``: the dashboard's panel in a terminal.
 
 Five models (Whisper 4.5 GB, VideoMAE 5.0, CLAP 2.0, Qwen3 1.5 after Whisper and CLAP,
 DINOv3 1.0) share a budget smaller than their sum; clips arrive interleaved. With
@@ -185,6 +186,35 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds_arg(text: str) -> float:
+    """argparse type of --interval and --window: seconds above 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds above 0")
+    return v
+
+
+def top(once: bool = False, interval: float = 1.0, window: float = 30.0, demo_clips: int | None = None) -> int:
+    """Draw the panel of this process's scheduler (``--demo``: while the stand-in pipeline runs)."""
+    from gpuctx.panel import top as _top
+
+    if demo_clips is None:
+        return _top(gpuctx.api.current_scheduler, once=once, interval=interval, window=window)
+    gpuctx.reset()
+    gpuctx.configure(device="cpu", budget="8GB", safety_factor=1.0)
+    tasks = _stand_in_tasks(demo_clips, False)
+    if once:
+        gpuctx.wait(tasks, timeout=120)
+        return _top(gpuctx.api.current_scheduler, once=True, window=window)
+    try:
+        return _top(gpuctx.api.current_scheduler, interval=interval, window=window)
+    finally:
+        gpuctx.shutdown(cancel_pending=True)
+
+
 def _device(text: str) -> str:
     """argparse type of --device: auto, cpu, cuda or cuda:N."""
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
@@ -208,7 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
     d.add_argument("--stand-ins", action="store_true",
                    help="use stand-in models even when transformers is installed")
+    t = sub.add_parser("top", help="show the live panel in a terminal",
+                       description="The dashboard's panel (budget, models, queues, loads, evictions, timeline) "
+                                   "for this process's scheduler, redrawn until Ctrl-C. With --demo, the demo's "
+                                   "stand-in pipeline runs meanwhile, so there is something to watch.")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    t.add_argument("--interval", type=_seconds_arg, default=1.0, metavar="S",
+                   help="seconds between frames (default: 1)")
+    t.add_argument("--window", type=_seconds_arg, default=30.0, metavar="S",
+                   help="seconds of history in the timeline (default: 30)")
+    t.add_argument("--demo", type=_positive, default=None, metavar="CLIPS",
+                   help="run the demo pipeline with stand-in models on the CPU (CLIPS clips) while drawing")
     args = p.parse_args(argv)
+    if args.cmd == "top":
+        return top(args.once, args.interval, args.window, args.demo)
     largest = max(MODELS, key=MODELS.__getitem__)
     if args.budget < MODELS[largest] * GB:
         d.error(f"argument --budget: {format_size(args.budget)} cannot hold {largest} "

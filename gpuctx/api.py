@@ -23,13 +23,14 @@ from .models import OVERFLOW_POLICIES, QoS, Slot
 from .engine import Config, Scheduler, Session, TaskSpec, current_frame
 from .engine.spec import _seconds
 from .task import Task, wait_tasks
+from .trace import LoadBars as _LoadBars
 from .units import parse_size
 
 __all__ = [
     "configure", "scheduler", "shutdown", "reset", "gpu_task", "model", "current_model", "current_device",
     "wait", "gather", "stats", "status", "evict", "get_stream", "record_event", "wait_event",
     "create_context", "context_session", "get_context_usage", "get_available_vram", "on_memory_pressure",
-    "explain", "admit", "session", "timeline", "export_trace",
+    "explain", "admit", "session", "timeline", "export_trace", "dashboard", "current_scheduler",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,6 +49,13 @@ _shut = False                                 # shutdown() called: no new schedu
 def current_config() -> Config:
     """The settings in force (what `configure()` last set), for views such as `%config GpuCtx`."""
     return _config
+
+
+def current_scheduler() -> Scheduler | None:
+    """The running scheduler, or None; unlike [`scheduler`][gpuctx.scheduler] it never starts one
+    (for views such as the dashboard, which must not start a scheduler by looking)."""
+    s = _sched
+    return s if s is not None and not s.closed else None
 
 
 def configure(**settings: Any) -> Config:
@@ -71,7 +79,8 @@ def configure(**settings: Any) -> Config:
     | `host_budget` | `None` | Bytes of pinned host RAM that offloaded weights may hold (a size); `None`: no limit. A model that would exceed it is dropped instead. |
     | `trace_capacity` | `100000` | Events the trace keeps (an int >= 1); the oldest go first. |
     | `cpu_workers` | `2` | Threads of the pool that runs CPU-routed tasks (an int >= 1), made at the first such task. |
-    | `progress` | `False` | The default of [`wait`][gpuctx.wait]'s `progress`: show a tqdm bar. |
+    | `progress` | `False` | Show tqdm progress bars (`tqdm.auto`: widgets in a notebook, text elsewhere): a model's load from disk and a restore from host RAM (bytes, with the GB/s reached), and [`wait`][gpuctx.wait] (tasks; its default `progress`). Leave it off for scripts and nbval runs. |
+    | `share` | `None` | Kernels of this user configured with the same share name keep one budget between them and ask each other to evict idle models (docs: *Sharing a GPU between notebooks*). A name of letters, digits, `.`, `_`, `-`; `None` or `True`: the default share (on a GPU its UUID, on the CPU none); `False`: work alone. |
 
     Args:
         **settings: the settings to change, by name (see the table); e.g. `budget="20GB"`.
@@ -82,7 +91,9 @@ def configure(**settings: Any) -> Config:
     Raises:
         ConfigError: an unknown setting or a bad value (the message names both); a `device`
             change while models are loaded or tasks are live; a `budget` below the bytes
-            committed now (evict models first).
+            committed now (evict models first); a `share` name with path characters.
+        ShareError: the share's database is corrupt, owned by another user or readable by
+            others (the message names the file and what to do); nothing changed.
     """
     global _config, _shut, _sched
     with _lock:
@@ -91,6 +102,13 @@ def configure(**settings: Any) -> Config:
             from .device import make_device
 
             make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
+        if isinstance(settings.get("share"), str):
+            from . import share as _share
+
+            _share.probe(settings["share"])   # ShareError now, with nothing changed
+        if new.cluster is not None and new.share not in (None, False):
+            raise ConfigError(f"configure(cluster={new.cluster!r}, share={new.share!r}): a share is a budget of "
+                              "this machine's kernels and a cluster has one engine per GPU; use one or the other")
         running = _sched is not None and not _sched.closed
         if running and _restarts(_config, new):
             fresh = None
@@ -101,6 +119,8 @@ def configure(**settings: Any) -> Config:
             _sched = fresh
         elif running and new.cluster is None:
             _sched.reconfigure(**settings)
+            if "share" in settings:
+                _follow_share(_sched, new.share, strict=True)
         if new.cluster is not None and (_sched is None or _sched.closed):
             _sched = _start_cluster(new)      # start the workers now: a bad cluster setting fails here
         _config = new
@@ -154,6 +174,8 @@ def scheduler() -> Scheduler:
                 s.on_memory_pressure(h)
             for name, (mq, ov) in _queue_limits.items():
                 s.set_queue_limits(name, mq, ov)
+            _follow_share(s, _config.share, strict=False)
+            s.on_residency(_load_bars)
             _sched = s
         return _sched
 
@@ -178,6 +200,16 @@ def _start_cluster(config: Config) -> Any:
     return c
 
 
+def _follow_share(s: Scheduler, setting: Any, strict: bool) -> None:
+    """Join (or leave) the share ``setting`` names; gpuctx.share (and sqlite3) is imported only
+    when there is one to join or leave."""
+    if s.share is None and (setting is False or (setting in (None, True) and s.device.name == "cpu")):
+        return
+    from . import share as _share
+
+    _share.follow(s, setting, strict)
+
+
 def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
     """Stop the scheduler: no new work is accepted, queued work runs (or is cancelled), every model is unloaded.
 
@@ -200,6 +232,10 @@ def shutdown(wait: bool = True, cancel_pending: bool = False) -> None:
         _shut = True
     if s is not None:
         s.shutdown(wait=wait, cancel_pending=cancel_pending)
+        if s.share is not None:
+            from . import share as _share
+
+            _share.leave(s)
 
 
 def reset() -> None:
@@ -219,6 +255,13 @@ def reset() -> None:
 
 
 atexit.register(lambda: shutdown(wait=False, cancel_pending=True))
+
+
+def _show_progress() -> bool:
+    return _config.progress
+
+
+_load_bars = _LoadBars(_show_progress)   # every scheduler's residency listener: bars while progress=True
 
 
 # --------------------------------------------------------------------------- models
@@ -857,6 +900,34 @@ def export_trace(path: str) -> None:
 
     s = scheduler()
     export_chrome(s.events() if _config.cluster is not None else s.trace, path)
+
+
+def dashboard(interval: float = 0.3, window: float = 30.0) -> Any:
+    """A live view of the scheduler in the notebook, refreshed from a background thread.
+
+    The cell returns at once and the view keeps updating while other cells run: the budget as a
+    bar coloured by model, each model's state, size, pin, QoS, queue and oldest wait, the last
+    loads (bytes, GB/s) and evictions (with their reasons), a timeline of the last `window`
+    seconds, and the other kernels or workers when a shared budget or a cluster reports them.
+    Refreshes are coalesced: at most one message to the frontend per `interval`, however many
+    tasks run. It stops when closed (`d.close()`) and at `%unload_ext gpuctx`. Looking starts no
+    scheduler: until one runs, the view says so.
+
+    Args:
+        interval: seconds between refreshes (> 0). Default `0.3`.
+        window: seconds of history in the timeline (> 0). Default `30`.
+
+    Returns:
+        A [`Dashboard`][gpuctx.panel.Dashboard] (Jupyter shows its widget); without
+            ipywidgets (the `notebook` extra), a one-line note is printed and the
+            [`status`][gpuctx.status] is returned instead.
+
+    Raises:
+        ConfigError: `interval` or `window` is not a number of seconds above 0.
+    """
+    from .panel import open_dashboard
+
+    return open_dashboard(current_scheduler, status, interval, window)
 
 
 def _as_function(obj: Callable) -> Callable:

@@ -432,6 +432,104 @@ def route_to_cpu(fallback: str | None, fits_ever: bool, fits_now: bool) -> bool:
     return fallback == "cpu" and not (fits_ever and fits_now)
 
 
+# --------------------------------------------------------------------------- a budget shared by several kernels
+# gpuctx.share keeps one budget for several kernels (processes) in a database; these are the
+# decisions it takes over a reading of that database. The fairness rule, with N the live
+# kernels of the share and F = budget / N their fair share:
+#   1. victims are taken first from the kernels holding more than F;
+#   2. a kernel holding at most F that is itself waiting for memory is never asked to evict;
+#   3. a kernel that would end above F takes nothing from a kernel with work queued (or a
+#      request open) that would fall below F;
+#   4. a kernel that would end above F leaves free memory to a waiting kernel below F that
+#      can take it now.
+# Otherwise (the others' demand is satisfied: nothing queued, nothing asked) a kernel may use
+# the whole budget.
+
+
+@dataclass(frozen=True, slots=True)
+class SharedModel:
+    """One model charged in a share, as the share's database shows it."""
+
+    kernel: int                  # the owning kernel's row id
+    model: str
+    nbytes: int                  # bytes charged
+    busy: bool = True            # running, loading or evicting: not a victim
+    pinned: bool = False
+    priority: int = 0
+    queued: int = 0              # its tasks queued or waiting for dependencies
+    idle_for: float = 0.0        # seconds since it was last used (ages compare across processes)
+    load_cost: float = 1.0       # seconds to load it again
+
+
+@dataclass(frozen=True, slots=True)
+class ShareDemand:
+    """A kernel of a share: what it holds, whether work is queued, and what it waits for."""
+
+    kernel: int
+    held: int                    # bytes charged to it
+    queued: int = 0              # its live tasks
+    waiting: int = 0             # bytes its open requests ask for beyond what it holds (0: none)
+
+
+def share_fair(budget: int, kernels: int) -> float:
+    """The fair share F of one kernel: the budget over the live kernels."""
+    return budget / max(1, kernels)
+
+
+def share_may_take(budget: int, demands: Sequence[ShareDemand], me: int, extra: int) -> bool:
+    """True when kernel ``me`` may be granted ``extra`` more bytes now (fits, and rule 4)."""
+    held = {d.kernel: d.held for d in demands}
+    free = budget - sum(held.values())
+    if extra > free:
+        return False
+    fair = share_fair(budget, len(demands))
+    if held.get(me, 0) + extra <= fair:
+        return True
+    return not any(d.kernel != me and d.waiting and d.held < fair and d.waiting <= free for d in demands)
+
+
+def _share_victim_key(m: SharedModel, over: set[int]) -> tuple:
+    return (0 if m.kernel in over else 1, 1 if m.queued else 0, m.priority, -m.idle_for, m.load_cost,
+            m.kernel, m.model)
+
+
+def share_victims(models: Iterable[SharedModel], need: int, me: int, budget: int,
+                  demands: Sequence[ShareDemand]) -> tuple[tuple[int, str], ...] | None:
+    """(kernel, model) pairs of OTHER kernels to ask to evict so ``need`` bytes come free, or None.
+
+    Candidates are idle, unpinned models of other kernels; the order is the fairness rule's
+    (owners above their fair share first), then no queued work first, lower priority, least
+    recently used, cheapest to reload. The fewest are taken, then any found unnecessary are put back.
+    """
+    if need <= 0:
+        return ()
+    fair = share_fair(budget, len(demands))
+    by = {d.kernel: d for d in demands}
+    mine = by[me].held if me in by else 0
+    over = {d.kernel for d in demands if d.held > fair}
+    taken: dict[int, int] = {}
+    chosen: list[SharedModel] = []
+    freed = 0
+    for m in sorted((m for m in models if m.kernel != me and not m.busy and not m.pinned and m.nbytes > 0),
+                    key=lambda m: _share_victim_key(m, over)):
+        if freed >= need:
+            break
+        owner = by.get(m.kernel, ShareDemand(m.kernel, m.nbytes))
+        left = owner.held - taken.get(m.kernel, 0) - m.nbytes
+        if owner.waiting and owner.held <= fair:
+            continue                                            # rule 2
+        if mine + need > fair and left < fair and (owner.queued or owner.waiting):
+            continue                                            # rule 3
+        chosen.append(m)
+        taken[m.kernel] = taken.get(m.kernel, 0) + m.nbytes
+        freed += m.nbytes
+    if freed < need:
+        return None
+    for m in list(reversed(chosen[:-1])):
+        if freed - m.nbytes >= need:
+            chosen.remove(m)
+            freed -= m.nbytes
+    return tuple((m.kernel, m.model) for m in chosen)
 # --------------------------------------------------------------------------- routing across workers
 # A cluster runs one engine per GPU. Before a call reaches an engine, the driver picks the worker,
 # over a frozen view of each one as the driver knows it (what it holds, what it has queued, what

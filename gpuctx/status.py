@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cluster._driver import ClusterScheduler
     from .engine import Scheduler
 
-__all__ = ["Status", "ModelRow", "TaskRow", "ClusterStatus", "WorkerRow"]
+__all__ = ["Status", "ModelRow", "TaskRow", "KernelRow", "ClusterStatus", "WorkerRow"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,23 @@ class TaskRow:
 
 
 @dataclass(frozen=True)
+class KernelRow:
+    """Another kernel of this kernel's share (``configure(share=...)``)."""
+
+    pid: int
+    notebook: str | None
+    nbytes: int
+    models: tuple[tuple[str, int], ...]   # (model, bytes charged)
+    queued: int
+    waiting: int                          # bytes it waits for
+
+    @property
+    def who(self) -> str:
+        """The notebook when known, else the pid."""
+        return self.notebook or f"pid {self.pid}"
+
+
+@dataclass(frozen=True)
 class Status:
     """Budget, what is committed, each model, and the live tasks."""
 
@@ -56,6 +73,8 @@ class Status:
     tasks: tuple[TaskRow, ...]
     healthy: bool
     problems: tuple[str, ...]
+    share: str | None = None               # the share's name, when this kernel takes part in one
+    others: tuple[KernelRow, ...] = ()     # the share's other kernels
 
     @classmethod
     def of(cls, sched: "Scheduler") -> "Status":
@@ -70,7 +89,21 @@ class Status:
                       for t in view.tasks)
         budget, committed = view.budget, view.committed
         ok, problems = sched.healthy()
-        return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems))
+        share = sched.share
+        others = tuple(KernelRow(k.pid, k.notebook, k.nbytes, k.models, k.queued, k.waiting)
+                       for k in share.others()) if share is not None else ()
+        return cls(sched.device.name, budget, committed, models, tasks, ok, tuple(problems),
+                   share.name if share is not None and not share.alone else None, others)
+
+    def _share_lines(self) -> list[str]:
+        if self.share is None:
+            return []
+        out = [f"  share {self.share!r}: {len(self.others)} other kernel(s)"]
+        for k in self.others:
+            held = ", ".join(f"{m} {format_size(n)}" for m, n in k.models) or "nothing"
+            out.append(f"    {k.who}: {format_size(k.nbytes)} ({held}), {k.queued} tasks"
+                       + (f", waiting for {format_size(k.waiting)}" if k.waiting else ""))
+        return out
 
     @property
     def free(self) -> int:
@@ -91,7 +124,7 @@ class Status:
         running = [t for t in self.tasks if t.state == "running"]
         lines.append(f"  tasks: {len(self.tasks)} live, {len(running)} running"
                      + "".join(f"\n    #{t.id} {t.name} on stream {t.stream}" for t in running))
-        return "\n".join(lines)
+        return "\n".join(lines + self._share_lines())
 
     __repr__ = __str__
 
@@ -116,7 +149,20 @@ class Status:
         running = "".join(f"<li>#{t.id} {e(t.name)} ({e(t.model)}) on stream <code>{e(t.stream)}</code></li>"
                           for t in self.tasks if t.state == "running")
         tasks = f"<div>{len(self.tasks)} live tasks</div>" + (f"<ul>{running}</ul>" if running else "")
-        return head + table + tasks + "</div>"
+        return head + table + tasks + self._share_html() + "</div>"
+
+    def _share_html(self) -> str:
+        if self.share is None:
+            return ""
+        e = html.escape
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                k.who, format_size(k.nbytes), ", ".join(f"{m} {format_size(n)}" for m, n in k.models),
+                k.queued, format_size(k.waiting) if k.waiting else "")) + "</tr>"
+            for k in self.others)
+        cols = "".join(f"<th>{c}</th>" for c in ("kernel", "charged", "models", "tasks", "waiting for"))
+        return (f"<div>share <code>{e(self.share)}</code>: {len(self.others)} other kernel(s)</div>"
+                + (f"<table><tr>{cols}</tr>{rows}</table>" if self.others else ""))
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-__all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "export_chrome", "progress"]
+__all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "export_chrome", "progress", "LoadBars"]
 
 _SAMPLES = 10_000   # per-model wait/run samples kept for percentiles
+_RESIDENCY = frozenset(("load_start", "load_end", "restore", "unload", "offload", "evict", "oom_retry"))
+_RESIDENCY_KEPT = 64   # residency events kept apart from the ring buffer (a task burst cannot push them out)
 
 
 @dataclass(slots=True)   # not frozen: a frozen __init__ costs ~2 µs per event on the hot path
@@ -87,7 +90,8 @@ class StatsReport(dict):
     def to_text(self) -> str:
         """A readable table."""
         lines = [f"tasks {self['tasks']} ({self['failed']} failed), model switches {self['model_switches']}, "
-                 f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")]
+                 f"peak VRAM {self['peak_vram'] / 1e9:.2f} GB" + (f" of {self['budget'] / 1e9:.2f} GB" if self['budget'] else "")
+                 + (f", evictions for other kernels {self['evictions_for_others']}" if self.get('evictions_for_others') else "")]
         lines.append(f"{'model':<14}{'loads':>6}{'unloads':>8}{'offl':>6}{'rest':>6}{'load s':>8}{'tasks':>7}"
                      f"{'wait p50':>10}{'wait p95':>10}{'run p50':>9}")
         for name, m in self["models"].items():
@@ -121,11 +125,15 @@ class Stats:
     def __init__(self) -> None:
         self.models: dict[str, _ModelStats] = {}
         self.tasks = self.failed = self.model_switches = 0
+        self.evictions_for_others = 0   # evictions another kernel of the share asked for
         self.peak_vram = 0
         self.budget: int | None = None
         self._submitted: dict[int, float] = {}
         self._started: dict[int, float] = {}
         self._last_group: str | None = None
+        # The last loads, restores and evictions: a task burst fills the ring buffer with task
+        # events, and a view of "the last evictions" must not scan it or lose them to it.
+        self.residency: deque = deque(maxlen=_RESIDENCY_KEPT)
 
     def _m(self, name: str | None) -> _ModelStats:
         key = name or "?"
@@ -139,6 +147,8 @@ class Stats:
         t, k, task, _, model, _, _, _, reason, vram, duration = e if isinstance(e, tuple) else _fields(e)
         if vram is not None and vram > self.peak_vram:
             self.peak_vram = vram
+        if k in _RESIDENCY:
+            self.residency.append(e if isinstance(e, tuple) else _fields(e))
         if k == "submit":
             self._submitted[task] = t
         elif k == "start":
@@ -165,6 +175,8 @@ class Stats:
             m.restore_seconds += duration or 0.0
         elif k in ("evict", "keep_alive"):
             self._m(model).evictions += 1
+        elif k == "share_evict":
+            self.evictions_for_others += 1
 
     def task_ended(self, model: str | None, submitted: float | None, started: float | None, ended: float,
                    reason: str | None = None) -> None:
@@ -196,7 +208,8 @@ class Stats:
                 "run_p50": _pct(runs, 0.5), "run_p95": _pct(runs, 0.95), "run_max": max(runs, default=0.0),
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
-                           tasks=self.tasks, failed=self.failed, models=models)
+                           tasks=self.tasks, failed=self.failed, evictions_for_others=self.evictions_for_others,
+                           models=models)
 
 
 class Trace:
@@ -256,6 +269,31 @@ class Trace:
         if vram is not None and vram > stats.peak_vram:
             stats.peak_vram = vram
         stats.task_ended(task.model, task.submitted_at, task.started_at, t, reason)
+
+    def now(self) -> float:
+        """The time now on the trace's clock (the scheduler's: real or virtual seconds)."""
+        return self._clock()
+
+    def since(self, t0: float) -> list[Event]:
+        """The kept events recorded at ``t0`` or later, oldest first.
+
+        Only the tail is turned into ``Event`` objects, so a view that refreshes a few times a
+        second costs the length of its window, not of the whole buffer. Events are appended in
+        time order except lock-free submits (recorded a moment late with the time of the call),
+        so the walk back stops at the first event older than ``t0`` by more than a second.
+        """
+        raw = _copy(self._events)
+        i = len(raw)
+        while i and raw[i - 1][0] >= t0 - 1.0:
+            i -= 1
+        return [Event(*e) for e in raw[i:] if e[0] >= t0]
+
+    def residency(self) -> list[Event]:
+        """The last loads, restores, evictions and OOM retries (up to 64), oldest first.
+
+        Kept apart from the ring buffer: a burst of task events does not push them out.
+        """
+        return [Event(*e) for e in _copy(self.stats.residency)]
 
     @property
     def events(self) -> list[Event]:
@@ -439,3 +477,44 @@ def progress(futures: Iterable[Any], *, enabled: bool = True, desc: str = "gpuct
                 bar.update(1)
         except FutureTimeout:   # not the builtin TimeoutError before Python 3.11
             pass
+
+
+class LoadBars:
+    """A residency listener (``Scheduler.on_residency``): one tqdm bar per load or restore, in bytes.
+
+    The engine reports a load's size when it starts and its bytes and seconds when it ends, not
+    the bytes in between (a loader is the user's code), so the bar fills at the end and its rate
+    is the load's GB/s. Called on the loading thread, never under the engine's lock; nothing is
+    drawn while ``enabled()`` is False or tqdm is missing.
+    """
+
+    def __init__(self, enabled: Callable[[], bool]) -> None:
+        self._enabled = enabled
+        self._bars: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, phase: str, kind: str, model: str, nbytes: int, seconds: float | None) -> None:
+        if phase == "start":
+            if not self._enabled():
+                return
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            bar = tqdm(total=nbytes or None, unit="B", unit_scale=True, unit_divisor=1000,
+                       desc=f"gpuctx {kind} {model}", leave=False)
+            with self._lock:
+                old, self._bars[model] = self._bars.get(model), bar
+            if old is not None:
+                old.close()
+            return
+        with self._lock:
+            bar = self._bars.pop(model, None)
+        if bar is None:
+            return
+        if phase == "end":
+            bar.total = max(bar.total or 0, nbytes)
+            bar.update(nbytes - bar.n)
+        else:
+            bar.set_postfix_str("failed")
+        bar.close()

@@ -183,6 +183,8 @@ class GpuCtxMagics(Magics):
           %gpuctx wait [TASK ...]       wait for these Tasks (default: every live task)
           %gpuctx cancel TASK           cancel a Task that has not started
           %gpuctx reset                 shut down; forget models, contexts and settings
+          %gpuctx dashboard             a live view that updates while other cells run
+                                        (gpuctx.dashboard(); close it with .close())
           %gpuctx timeline              the timeline figure of what ran
           %gpuctx free                  drop IPython's output-cache references (Out[n], _) to models
                                         and tensors, so evicted models are really freed
@@ -346,12 +348,16 @@ class GpuCtxMagics(Magics):
             return None
         if cmd == "timeline":
             return gpuctx.timeline()
+        if cmd == "dashboard":
+            if rest:
+                raise UsageError(f"%gpuctx dashboard: takes no words, got {' '.join(rest)!r}")
+            return gpuctx.dashboard()
         if cmd == "free":
             dropped = free_output_cache(_heavy_test())
             print("gpuctx: dropped " + (", ".join(dropped) if dropped else "nothing: no output holds a model or tensor"))
             return None
         raise UsageError(f"%gpuctx {cmd}: unknown command; expected status, stats, config, evict, wait, cancel, "
-                         "reset, timeline or free")
+                         "reset, timeline, dashboard or free")
 
     def _task(self, name: str) -> Any:
         task = self.shell.user_ns.get(name)
@@ -479,6 +485,9 @@ def unload_ipython_extension(ip: Any) -> None:
     magics = _state.pop("magics", None)
     if magics is None:
         return
+    from gpuctx.panel import close_all
+
+    close_all()   # before the shutdown: no dashboard update after %unload_ext
     magics._post_run_cell(None)
     magics.config_obj.forget()
     if _rewrite in ip.input_transformers_cleanup:

@@ -93,6 +93,8 @@ class _Worker:
 class ClusterScheduler:
     """What `gpuctx.scheduler()` is on a cluster: the API's calls, routed to worker engines."""
 
+    share = None        # never in a share (configure refuses cluster= with share=)
+
     def __init__(self, config: Config) -> None:
         import ray
 

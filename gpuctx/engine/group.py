@@ -52,6 +52,7 @@ class _Groups:
                 if slot.is_label and slot.state == policy.RESIDENT:
                     slot_to(slot, policy.ABSENT)
                     self._ledger.release(name)
+                    self._share_settle_locked(name)
                 stale = name in self._stale and slot.state == policy.RESIDENT and not slot.queued
                 if stale:
                     self._stale.discard(name)
@@ -61,6 +62,8 @@ class _Groups:
             if stale:
                 self._evict_marked(slot, "registered again", keep_host_copy=False)
             self._hk_wake.set()
+            if self._share is not None:
+                self._share.wake()   # the model just turned idle: tell the share now, not at the next beat
             if self._closed:
                 self._stop_if_done()   # the last group after a shutdown that did not wait
 

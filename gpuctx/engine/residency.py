@@ -6,6 +6,8 @@ carried out here without it (:meth:`_Residency._evict_marked`), by the thread th
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, Callable
 
 from .. import policy
 from ..errors import BudgetError, ConfigError, ModelLoadError
@@ -30,6 +32,11 @@ class _Residency:
             size = slot.size
             if slot.size_source == "auto" and slot.loads == 0:
                 size = policy.auto_size_claim(self._snapshot_locked(), slot.name)
+                if self._share is not None:   # before it is measured, only what no other kernel holds
+                    size = min(size, self._share.free())
+        if not self._share_claim(slot.name, size):   # other kernels' memory: asked for outside the lock
+            return False
+        with self._cond:
             while not self._ledger.can_activate(slot.name, size):
                 if self._closed:
                     return False
@@ -42,8 +49,11 @@ class _Residency:
                 slot_to(slot, policy.RESIDENT)
             return True
         t0 = self._clock()
+        what = "restore" if was_offloaded else "load"
         with self._cond:
-            self.trace.record("load_start", model=slot.name, context=slot.name, nbytes=size, t=t0)
+            self.trace.record("load_start", model=slot.name, context=slot.name, nbytes=size, t=t0,
+                              reason="restore" if was_offloaded else None)
+        self._tell_residency("start", what, slot.name, size, None)
         token = _current.set(_Frame(slot.name, None, self._device.name, None))
         try:
             measured = None
@@ -53,6 +63,7 @@ class _Residency:
                 obj, measured = self._with_oom_retry(slot, self._device.load, (slot.name, slot.loader))
         except BaseException as exc:  # noqa: BLE001 - a loader may raise anything
             self._load_failed(slot, exc, was_offloaded)
+            self._tell_residency("failed", what, slot.name, size, self._clock() - t0)
             return False
         finally:
             _current.reset(token)
@@ -65,14 +76,36 @@ class _Residency:
             slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
             if measured is not None or slot.size_source == "auto":
                 warn, victims = self._apply_measured_locked(slot, measured)
-            kind = "restore" if was_offloaded else "load_end"
-            self.trace.record(kind, model=slot.name, context=slot.name, nbytes=self._ledger.used.get(slot.name, 0),
-                              duration=dt, vram=self._ledger.committed())
+            nbytes = self._ledger.used.get(slot.name, 0)
+            self.trace.record("restore" if was_offloaded else "load_end", model=slot.name, context=slot.name,
+                              nbytes=nbytes, duration=dt, vram=self._ledger.committed())
+        if self._share is not None and nbytes != size:   # measured at load: the share is charged what it took
+            self._share_claim(slot.name, nbytes)
+        self._tell_residency("end", what, slot.name, nbytes, dt)
         for v in victims:
             self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
         if warn:
             _warn_at(self._origins.get(slot.name), warn)
         return True
+
+    # Listeners of loads and restores (progress bars): a tuple replaced, never mutated, so the
+    # worker reads it without the lock; they are called without the lock, on the loading thread.
+    _residency_listeners: tuple = ()
+
+    def on_residency(self, listener: Callable[[str, str, str, int, float | None], Any]) -> None:
+        """Call ``listener(phase, kind, model, nbytes, seconds)`` when a load or restore
+        (``kind``: "load" or "restore") starts (``phase`` "start", ``seconds`` None), ends
+        ("end") or fails ("failed"); never under the lock. An error it raises is a warning."""
+        with self._cond:
+            self._residency_listeners = self._residency_listeners + (listener,)
+
+    def _tell_residency(self, phase: str, kind: str, model: str, nbytes: int, seconds: float | None) -> None:
+        for listener in self._residency_listeners:
+            try:
+                listener(phase, kind, model, nbytes, seconds)
+            except Exception as exc:  # noqa: BLE001 - a display hook must not fail a load
+                warnings.warn(f"gpuctx: residency listener {listener!r} raised {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=2)
 
     def _apply_measured_locked(self, slot: Slot, measured: int | None) -> tuple[str | None, tuple[str, ...]]:
         """Count what the load really took; warn when the declaration was >10% low; evict to stay in budget."""
@@ -106,6 +139,7 @@ class _Residency:
             slot_to(slot, policy.ABSENT)
             slot.obj = None
             self._ledger.release(slot.name)
+            self._share_settle_locked(slot.name)
             err = ModelLoadError(
                 f"model {slot.name!r}: {'restore' if was_offloaded else 'loader'} raised {type(exc).__name__}: {exc}"
             )
@@ -166,6 +200,7 @@ class _Residency:
                 slot_to(slot, policy.OFFLOADED if offloaded else policy.ABSENT)
                 slot.unload_cost = dt if not slot.unload_cost else 0.5 * slot.unload_cost + 0.5 * dt
                 self._ledger.release(slot.name)
+                self._share_settle_locked(slot.name)
                 self.trace.record("offload" if offloaded else "unload", model=slot.name, context=slot.name,
                                   nbytes=nbytes, reason=reason, duration=dt, vram=self._ledger.committed())
                 self._cond.notify_all()
@@ -224,3 +259,55 @@ class _Residency:
         for v in victims:
             self._evict_marked(self._slots[v], reason="out of memory in " + repr(slot.name))
         self._device.empty_caches()
+
+    # ------------------------------------------------------------------ a share (gpuctx.share)
+    # The engine only asks and tells: a claim before the ledger counts bytes for a load (outside
+    # the lock: it may wait while other kernels evict), a release written under the lock (so it
+    # is never written after the next claim of the same model), and the two queries below.
+    def attach_share(self, share: Any) -> None:
+        """Take part in a share (``None``: leave it); the budget becomes the smaller of ours and the share's."""
+        with self._cond:
+            self._share = share
+            budget = self._compute_budget()
+            if share is not None:
+                budget = min(budget, share.budget)
+            if budget < self._ledger.committed():
+                budget = self._ledger.committed()   # never below what is resident; the share waits for it
+            self._ledger.budget = self.trace.budget = budget
+            self._cond.notify_all()
+
+    @property
+    def share(self) -> Any:
+        """The share this scheduler takes part in (a ``gpuctx.share.ShareClient``), or None."""
+        return self._share
+
+    def share_rows(self) -> tuple[int, list[tuple]]:
+        """(live tasks, [(model, bytes used, busy, pinned, priority, queued, idle seconds, load seconds)]):
+        what a share's heartbeat publishes; "busy" is anything but resident and idle."""
+        with self._cond:
+            now = self._clock()
+            rows = [(s.name, self._ledger.used.get(s.name, 0), s.busy or s.state != policy.RESIDENT or s.is_label,
+                     s.pin, s.priority, s.queued + s.pending, max(0.0, now - s.last_used), s.load_cost)
+                    for s in self._slots.values() if self._ledger.used.get(s.name, 0)]
+            return len(self._live), rows
+
+    def evict_for_share(self, name: str, requester: str) -> bool:
+        """Evict idle, unpinned model ``name`` because another kernel of the share asked; False
+        (nothing done) when it is busy, pinned or not resident any more."""
+        with self._cond:
+            s = self._slots.get(name)
+            if s is None or s.busy or s.pin or s.is_label or s.state != policy.RESIDENT:
+                return False
+            reason = f"asked by {requester}"
+            self._mark_evicting_locked(s, reason)
+            self.trace.record("share_evict", model=name, context=name, reason=reason)
+        self._evict_marked(s, reason)
+        return True
+
+    def _share_claim(self, name: str, nbytes: int) -> bool:
+        share = self._share
+        return share is None or share.claim(name, nbytes, lambda: self._closed)
+
+    def _share_settle_locked(self, name: str) -> None:
+        if self._share is not None:
+            self._share.settle(name, self._ledger.used.get(name, 0))

@@ -64,6 +64,7 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self._cond = self._driver.guard(self._ingest_locked)
         self._slots: dict[str, Slot] = {}
         self._ledger = Ledger(self._compute_budget())
+        self._share: Any = None       # a gpuctx.share.ShareClient once attach_share is called
         self._live: set[Task] = set()
         self._ids = itertools.count(1)
         self._closed = False           # shutdown began: no new work
@@ -116,6 +117,8 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
                     )
                 device = make_device(new.device, new.budget)
             budget = _budget_of(new, device)
+            if self._share is not None:
+                budget = min(budget, self._share.budget)
             if budget < self._ledger.committed():
                 raise ConfigError(
                     f"budget={format_size(budget)} is below what is committed now "

@@ -34,6 +34,7 @@ class Config:
     progress: bool = False
     cluster: str | None = None           # "ray": one engine per worker (gpuctx.cluster); None: this process
     workers: int | None = None           # cluster workers; None: one per GPU Ray knows of
+    share: str | bool | None = None      # acted on by gpuctx.api (gpuctx.share): a name, False, or None (default)
 
     @classmethod
     def build(cls, base: "Config | None" = None, **changes: Any) -> "Config":
@@ -72,6 +73,10 @@ class Config:
             w = c["workers"]
             if isinstance(w, bool) or not isinstance(w, int) or w < 1:
                 raise ConfigError(f"workers={w!r}: expected an int >= 1 (or None: one per GPU)")
+        if "share" in c and c["share"] is not None and not isinstance(c["share"], bool):
+            from ..share._db import check_name   # lazily: sqlite3 only for a kernel that shares
+
+            check_name(c["share"])
         if "device" in c:
             d = c["device"]
             if not isinstance(d, str) or not (d in ("auto", "cpu", "cuda") or d.startswith("cuda:")):
