@@ -54,6 +54,7 @@ from .errors import (
     SchedulerClosed,
     ShareError,
     WaitDeadlock,
+    WorkerLost,
 )
 from .models import QoS
 from .task import Task, TaskState
@@ -80,6 +81,7 @@ __all__ = [
     # errors
     "GpuCtxError", "ConfigError", "CycleError", "BudgetError", "AdmissionError", "DependencyError",
     "ModelLoadError", "GpuOutOfMemory", "Overloaded", "BatchError", "SchedulerClosed", "ShareError", "WaitDeadlock",
+    "WorkerLost",
     "load_ipython_extension", "unload_ipython_extension", "__version__",
 ]
 

@@ -96,10 +96,10 @@ def configure(**settings: Any) -> Config:
         ShareError: the share's database is corrupt, owned by another user or readable by
             others (the message names the file and what to do); nothing changed.
     """
-    global _config, _shut
+    global _config, _shut, _sched
     with _lock:
         new = Config.build(_config, **settings)
-        if "device" in settings and new.device != "auto" and new.device != "cpu":
+        if "device" in settings and new.device != "auto" and new.device != "cpu" and new.cluster is None:
             from .device import make_device
 
             make_device(new.device, new.budget).close()   # ConfigError now, not at the next call
@@ -107,13 +107,37 @@ def configure(**settings: Any) -> Config:
             from . import share as _share
 
             _share.probe(settings["share"])   # ShareError now, with nothing changed
-        if _sched is not None and not _sched.closed:
+        if new.cluster is not None and new.share not in (None, False):
+            raise ConfigError(f"configure(cluster={new.cluster!r}, share={new.share!r}): a share is a budget of "
+                              "this machine's kernels and a cluster has one engine per GPU; use one or the other")
+        running = _sched is not None and not _sched.closed
+        if running and _restarts(_config, new):
+            fresh = None
+            if new.cluster is not None and _config.cluster is None:
+                fresh = _start_cluster(new)   # before stopping this process's engine: a failure changes nothing
+            old, _sched = _sched, None
+            old.shutdown(wait=True)           # a cluster's workers go first: their GPUs are for the new ones
+            _sched = fresh
+        elif running and new.cluster is None:
             _sched.reconfigure(**settings)
             if "share" in settings:
                 _follow_share(_sched, new.share, strict=True)
+        if new.cluster is not None and (_sched is None or _sched.closed):
+            _sched = _start_cluster(new)      # start the workers now: a bad cluster setting fails here
         _config = new
         _shut = False
         return new
+
+
+_CLUSTER_SETTINGS = ("cluster", "workers", "budget", "device", "safety_factor")
+
+
+def _restarts(old: Config, new: Config) -> bool:
+    """Whether a change of settings needs a new scheduler: into or out of a cluster, or a cluster's
+    workers, budget or device."""
+    if old.cluster is None and new.cluster is None:
+        return False
+    return any(getattr(old, k) != getattr(new, k) for k in _CLUSTER_SETTINGS)
 
 
 def scheduler() -> Scheduler:
@@ -139,6 +163,9 @@ def scheduler() -> Scheduler:
                 "the gpuctx scheduler was shut down; call gpuctx.configure(...) or gpuctx.reset() to start a new one"
             )
         if _sched is None or _sched.closed:
+            if _config.cluster is not None:
+                _sched = _start_cluster(_config)
+                return _sched
             s = Scheduler(_config)
             for name, kw in _contexts.items():
                 s.create_context(name, **kw)
@@ -152,6 +179,26 @@ def scheduler() -> Scheduler:
             s.on_residency(_load_bars)
             _sched = s
         return _sched
+
+
+def _start_cluster(config: Config) -> Any:
+    """The cluster's driver (gpuctx.cluster), with every registration replayed to its workers."""
+    if _contexts or _handlers:
+        raise ConfigError("configure(cluster='ray'): contexts and memory-pressure handlers are per process; "
+                          f"registered: {sorted(_contexts) + [getattr(h, '__name__', repr(h)) for h in _handlers]}; "
+                          "call gpuctx.reset() first")
+    from .cluster import start
+
+    c = start(config)
+    try:
+        for name, kw in _models.items():
+            c.register_model(name, **kw)
+        for name, (mq, ov) in _queue_limits.items():
+            c.set_queue_limits(name, mq, ov)
+    except BaseException:
+        c.shutdown(wait=False, cancel_pending=True)
+        raise
+    return c
 
 
 def _follow_share(s: Scheduler, setting: Any, strict: bool) -> None:
@@ -407,7 +454,8 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
              priority: int = 0, after: Sequence[Any] | None = None, name: str | None = None,
              device: str | None = None, fallback: str | None = None, batch_size: int | None = None,
              batch_wait: float | str = 0.0, cuda_graph: bool = False, oom_retries: int | None = None,
-             max_queue: int | None = None, overflow: str | None = None, working: int | str | None = None) -> Any:
+             max_queue: int | None = None, overflow: str | None = None, working: int | str | None = None,
+             max_retries: int = 0) -> Any:
     """Turn a function into schedulable work: calling it returns a [`Task`][gpuctx.Task] at once.
 
     Use it bare (`@gpu_task`) or with options (`@gpu_task(model="llm", vram="4GB")`). The
@@ -446,6 +494,10 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
             (an int of bytes or a string like `"1.5GB"`); it overrides the model's `working=`
             and its measured estimate. A batched call is charged it once per batch. Default
             `None`: the model's.
+        max_retries: on a cluster (`configure(cluster="ray")`), how many times a call whose
+            worker died while it ran is run again on another worker (an int >= 0); `0`: it fails
+            with [`WorkerLost`][gpuctx.WorkerLost]. Calls still queued there always move.
+            Default `0`, as in Ray.
 
     Returns:
         The wrapped function, or, without `fn`, a decorator that makes it.
@@ -474,6 +526,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
         _check_int(oom_retries, "oom_retries", 0)
     if max_queue is not None:
         _check_int(max_queue, "max_queue", 1)
+    _check_int(max_retries, "max_retries", 0)
     if overflow is not None and overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"overflow={overflow!r}: expected one of {', '.join(OVERFLOW_POLICIES)}")
 
@@ -496,7 +549,7 @@ def gpu_task(fn: Callable | None = None, *, model: str | None = None, vram: int 
         spec = TaskSpec(fn=f, name=name or f.__name__, model=model or "default", vram=vram_b, priority=priority,
                         after=after_t, device="cpu" if device == "cpu" else None, fallback=fallback,
                         batch_size=bs, batch_wait=bw, cuda_graph=cuda_graph, oom_retries=oom_retries,
-                        working=working_b)
+                        working=working_b, max_retries=max_retries)
         if max_queue is not None or overflow is not None:
             with _lock:
                 scheduler().set_queue_limits(spec.model, max_queue, overflow)
@@ -856,16 +909,20 @@ def wait_event(ctx: Any, event: Any) -> None:
 def stats() -> Any:
     """Loads, unloads, offloads, evictions, switches, per-model task counts, wait/run percentiles
     (of the tasks that have ended; a task's wait and run times are counted when it ends)."""
-    return scheduler().trace.stats.as_dict()
+    s = scheduler()
+    return s.stats() if _config.cluster is not None else s.trace.stats.as_dict()
 
 
 def status() -> "_status.Status":
     """Budget, residents, queues and running tasks, as text (``print``) and HTML (notebook)."""
-    return _status.Status.of(scheduler())
+    s = scheduler()
+    return _status.ClusterStatus.of(s) if _config.cluster is not None else _status.Status.of(s)
 
 
 def timeline(**kwargs: Any) -> Any:
     """Draw the trace as a matplotlib figure: tasks per context over time, loads and evictions, VRAM per model.
+
+    On a cluster, one lane per worker and model (`w0/whisper`), every worker's events on one clock.
 
     Args:
         **kwargs: passed on to the drawing: `ax` (a matplotlib Axes for the task rows, or a pair
@@ -877,7 +934,7 @@ def timeline(**kwargs: Any) -> Any:
     from .trace import timeline as _timeline
 
     s = scheduler()
-    return _timeline(s.trace, budget=s.budget, **kwargs)
+    return _timeline(s.events() if _config.cluster is not None else s.trace, budget=s.budget, **kwargs)
 
 
 def export_trace(path: str) -> None:
@@ -888,7 +945,8 @@ def export_trace(path: str) -> None:
     """
     from .trace import export_chrome
 
-    export_chrome(scheduler().trace, path)
+    s = scheduler()
+    export_chrome(s.events() if _config.cluster is not None else s.trace, path)
 
 
 def dashboard(interval: float = 0.3, window: float = 30.0) -> Any:

@@ -12,6 +12,7 @@
      ├── GpuOutOfMemory                          out of memory after the retries
      ├── Overloaded                              a queue limit turned the task away
      ├── BatchError                              a batch function broke its contract
+     ├── WorkerLost                              a cluster worker died while the task ran
      ├── ShareError                              a share's database cannot be used (path, what to do)
      ├── SchedulerClosed (also RuntimeError)     submit after shutdown
      └── WaitDeadlock (also RuntimeError)        a wait that could never end
@@ -32,6 +33,7 @@ __all__ = [
     "GpuOutOfMemory",
     "Overloaded",
     "BatchError",
+    "WorkerLost",
     "SchedulerClosed",
     "ShareError",
     "WaitDeadlock",
@@ -78,6 +80,8 @@ class BatchError(GpuCtxError):
     """A batched function returned something other than one result per input."""
 
 
+class WorkerLost(GpuCtxError):
+    """A cluster worker died (its actor or its node) while this task ran there; the message names it."""
 class ShareError(GpuCtxError):
     """A share's database (``configure(share=...)``) cannot be used: corrupt, owned by another
     user, or in a directory others can read; the message names the path and what to do."""

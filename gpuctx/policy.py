@@ -669,3 +669,95 @@ def sm_explain(snapshot: Snapshot, name: str, share: float | None) -> str:
     verdict = "fits" if used + share <= 1.0 + SM_EPSILON else "exceeds 1.0: it waits for a running share to end"
     return (f"SM shares running: {parts} (= {used:.2f}); {name!r} asks {share:.2f}, total {used + share:.2f} "
             f"{verdict}")
+
+
+# --------------------------------------------------------------------------- routing across workers
+# A cluster runs one engine per GPU. Before a call reaches an engine, the driver picks the worker,
+# over a frozen view of each one as the driver knows it (what it holds, what it has queued, what
+# is free). The rule, best first:
+#
+# 1. *Affinity.* A worker that holds the model (resident, loading, or with its tasks queued)
+#    takes the call, the one with the shortest backlog among them, so calls of one model group
+#    on one engine and load once.
+# 2. *Replication.* When that holder's backlog is long (more than ``replicate_after`` loads of
+#    the model) and another worker would finish the call sooner even after loading the model
+#    there, the call goes to that worker: the hot model gets a second home.
+# 3. *Placement.* A model no worker holds goes where loading it costs least: its load, plus the
+#    reload cost of the idle models it would push out (cheapest first, only when the free memory
+#    is short), plus the worker's backlog.
+#
+# A worker whose budget can never hold the model is never chosen; none at all: None.
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One cluster worker as the router sees it (bytes and seconds)."""
+
+    name: str
+    budget: int
+    free: int = 0                                   # budget less what its held models take
+    backlog: float = 0.0                            # seconds of work routed there and not ended
+    holds: tuple[str, ...] = ()                     # models resident, loading or queued there
+    idle: tuple[tuple[str, int, float], ...] = ()   # evictable residents: (name, bytes, reload seconds)
+    alive: bool = True
+
+
+def eviction_cost(w: WorkerView, need: int) -> float | None:
+    """Seconds of reloads that freeing ``need`` bytes on ``w`` would cost later (idle models,
+    the cheapest reload per byte first); 0 when ``w`` has the room; None when it cannot."""
+    short = need - w.free
+    if short <= 0:
+        return 0.0
+    cost = 0.0
+    for _, nbytes, reload_s in sorted(w.idle, key=lambda v: (v[2] / max(v[1], 1), v[0])):
+        cost += reload_s
+        short -= nbytes
+        if short <= 0:
+            return cost
+    return None
+
+
+def placement_cost(w: WorkerView, size: int, load_cost: float) -> float:
+    """Seconds until ``w`` could start a call of a model it does not hold: its backlog, the load,
+    and the later reloads of its victims (a worker short of room even after evicting its idle
+    models has to wait for its queue to drain, so it counts its whole backlog twice)."""
+    victims = eviction_cost(w, size)
+    if victims is None:
+        return 2 * w.backlog + load_cost + sum(v[2] for v in w.idle)
+    return w.backlog + load_cost + victims
+
+
+def route(workers: Sequence[WorkerView], model: str, size: int, load_cost: float,
+          replicate_after: float = 2.0) -> str | None:
+    """The worker a call of ``model`` (``size`` bytes, ``load_cost`` seconds to load) goes to.
+
+    Affinity first, then replication when the holder's backlog is long, else the cheapest
+    placement (see the rules above). Ties go to the first worker listed. None: no live worker's
+    budget can ever hold ``size``.
+    """
+    fit = [w for w in workers if w.alive and w.budget >= size]
+    if not fit:
+        return None
+    holders = [w for w in fit if model in w.holds]
+    others = [w for w in fit if model not in w.holds]
+    best_other = min(others, key=lambda w: placement_cost(w, size, load_cost), default=None)
+    if holders:
+        home = min(holders, key=lambda w: w.backlog)
+        if (best_other is not None and should_replicate(home.backlog, load_cost, replicate_after)
+                and placement_cost(best_other, size, load_cost) < home.backlog):
+            return best_other.name
+        return home.name
+    return None if best_other is None else best_other.name
+
+
+def should_replicate(holder_backlog: float, load_cost: float, replicate_after: float = 2.0) -> bool:
+    """True when a model's queue on its holder is long enough (``replicate_after`` loads of it)
+    that a second worker loading it may pay off."""
+    return holder_backlog > replicate_after * max(load_cost, 0.0)
+
+
+def largest_worker(workers: Sequence[WorkerView]) -> WorkerView | None:
+    """The live worker with the largest budget (what a too-large model is measured against)."""
+    return max((w for w in workers if w.alive), key=lambda w: w.budget, default=None)
+
+
+__all__ += ["WorkerView", "eviction_cost", "largest_worker", "placement_cost", "route", "should_replicate"]

@@ -11,9 +11,10 @@ from .policy import RESIDENT
 from .units import format_size
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .cluster._driver import ClusterScheduler
     from .engine import Scheduler
 
-__all__ = ["Status", "ModelRow", "TaskRow", "KernelRow"]
+__all__ = ["Status", "ModelRow", "TaskRow", "KernelRow", "ClusterStatus", "WorkerRow"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,71 @@ class Status:
         cols = "".join(f"<th>{c}</th>" for c in ("kernel", "charged", "models", "tasks", "waiting for"))
         return (f"<div>share <code>{e(self.share)}</code>: {len(self.others)} other kernel(s)</div>"
                 + (f"<table><tr>{cols}</tr>{rows}</table>" if self.others else ""))
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One cluster worker in the summary: its budget, what it holds, its queue, or why it was lost."""
+
+    name: str
+    device: str
+    budget: int
+    alive: bool
+    lost: str | None
+    resident: tuple[tuple[str, int], ...]   # (model, bytes)
+    queued: int
+    running: int
+
+    @property
+    def used(self) -> int:
+        """Bytes its resident models take."""
+        return sum(n for _, n in self.resident)
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """A row per worker of a cluster (`gpuctx.configure(cluster="ray")`)."""
+
+    workers: tuple[WorkerRow, ...]
+
+    @classmethod
+    def of(cls, cluster: "ClusterScheduler") -> "ClusterStatus":
+        """Take the summary now (each live worker is asked what it holds)."""
+        return cls(tuple(WorkerRow(**row) for row in cluster.workers()))
+
+    @property
+    def healthy(self) -> bool:
+        """True while no worker was lost."""
+        return all(w.alive for w in self.workers)
+
+    @property
+    def lost(self) -> tuple[str, ...]:
+        """The names of the workers lost."""
+        return tuple(w.name for w in self.workers if not w.alive)
+
+    def __str__(self) -> str:
+        alive = sum(w.alive for w in self.workers)
+        lines = [f"gpuctx cluster: {alive} of {len(self.workers)} workers alive"]
+        for w in self.workers:
+            if not w.alive:
+                lines.append(f"  {w.name:<5} LOST: {w.lost}")
+                continue
+            models = ", ".join(f"{m} {format_size(n)}" for m, n in w.resident) or "nothing resident"
+            lines.append(f"  {w.name:<5} {w.device:<7} budget {format_size(w.budget):>9} used {format_size(w.used):>9} "
+                         f"queued {w.queued} running {w.running}: {models}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        cols = ("worker", "device", "budget", "used", "resident", "queued", "running", "state")
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                w.name, w.device, format_size(w.budget), format_size(w.used),
+                ", ".join(m for m, _ in w.resident), w.queued, w.running,
+                "alive" if w.alive else f"lost: {w.lost}")) + "</tr>"
+            for w in self.workers
+        )
+        return (f"<div class='gpuctx-status'><b>gpuctx cluster</b><table><tr>"
+                f"{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table></div>")

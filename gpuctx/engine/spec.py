@@ -32,6 +32,8 @@ class Config:
     trace_capacity: int = 100_000
     cpu_workers: int = 2
     progress: bool = False
+    cluster: str | None = None           # "ray": one engine per worker (gpuctx.cluster); None: this process
+    workers: int | None = None           # cluster workers; None: one per GPU Ray knows of
     share: str | bool | None = None      # acted on by gpuctx.api (gpuctx.share): a name, False, or None (default)
 
     @classmethod
@@ -65,6 +67,12 @@ class Config:
         for key in ("offload", "progress"):
             if key in c and not isinstance(c[key], bool):
                 raise ConfigError(f"{key}={c[key]!r}: expected True or False")
+        if "cluster" in c and c["cluster"] not in (None, "ray"):
+            raise ConfigError(f"cluster={c['cluster']!r}: expected 'ray' or None")
+        if "workers" in c and c["workers"] is not None:
+            w = c["workers"]
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ConfigError(f"workers={w!r}: expected an int >= 1 (or None: one per GPU)")
         if "share" in c and c["share"] is not None and not isinstance(c["share"], bool):
             from ..share._db import check_name   # lazily: sqlite3 only for a kernel that shares
 
@@ -109,6 +117,7 @@ class TaskSpec:
     cuda_graph: bool = False
     oom_retries: int | None = None
     working: int | None = None           # working memory a call needs while it runs; None: the model's
+    max_retries: int = 0                 # on a cluster: reruns elsewhere after its worker was lost
 
     @functools.cached_property
     def is_async(self) -> bool:
