@@ -11,6 +11,11 @@ This module is the whole public API (``__all__``); it imports no torch, CuPy or 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # annotations only: importing gpuctx does not import IPython's shell
+    from IPython.core.interactiveshell import InteractiveShell
+
 from .api import (
     ContextUsage,
     admit,
@@ -86,7 +91,7 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+def load_ipython_extension(ipython: InteractiveShell) -> None:
     """`%load_ext gpuctx`: register the magics and attach the scheduler to the shell.
 
     Args:
@@ -97,7 +102,7 @@ def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     _load(ipython)
 
 
-def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
     """`%unload_ext gpuctx`: remove the magics, shut the scheduler down, release models.
 
     Args:
