@@ -19,17 +19,15 @@ ROLE = re.compile(r":(class|func|meth|attr|data|exc|mod):`")
 
 
 def _rendered() -> set[str]:
-    """The names api.md renders: members of ``::: gpuctx`` blocks, and ``::: gpuctx.api.NAME``."""
+    """The names api.md renders: one ``::: gpuctx.NAME`` (or ``::: gpuctx.api.NAME``) block each."""
     names: set[str] = set()
     for block in re.split(r"^(?=::: )", API_MD, flags=re.M)[1:]:
         ident = block.split()[1]
-        if ident == "gpuctx":
-            members = re.search(r"members:\s*\[([^\]]*)\]", block, re.S)
-            assert members, "a ::: gpuctx block lists its members explicitly"
-            names |= {m.strip() for m in members.group(1).split(",") if m.strip()}
-        else:
-            assert re.fullmatch(r"gpuctx\.api\.\w+", ident), f"::: {ident} renders an internal module"
-            names.add(ident.rsplit(".", 1)[1])
+        assert ident != "gpuctx", "a bare ::: gpuctx block renders the package docstring again"
+        assert re.fullmatch(r"gpuctx\.(api\.)?\w+", ident), f"::: {ident} renders an internal module"
+        name = ident.rsplit(".", 1)[1]
+        assert name in PUBLIC, f"::: {ident} is not in gpuctx.__all__"
+        names.add(name)
     return names
 
 
