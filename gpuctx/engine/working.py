@@ -75,14 +75,17 @@ class _Working:
                 if d.action == "start" and self._ledger.can_work(slot.name, d.charge):
                     self._ledger.start_work(slot.name, d.charge)
                     slot.working_charged = d.charge
-                    return head
-                if d.action == "yield" or (self._closed and self._cancel_on_close):
+                    # with a share, other kernels' memory too (the lock released while it decides)
+                    if self._share is None or self._claim_working_locked(slot, head):
+                        return head
+                elif d.action == "yield" or (self._closed and self._cancel_on_close):
                     self.trace.record("working_yield", model=slot.name, nbytes=working, reason=d.reason)
                     return None
-                if slot.name not in waiters:
-                    waiters.append(slot.name)
-                    self.trace.record("working_wait", model=slot.name, nbytes=working, reason=d.reason)
-                self._cond.wait(0.5)   # woken when working memory is released, a load or an eviction ends
+                else:
+                    if slot.name not in waiters:
+                        waiters.append(slot.name)
+                        self.trace.record("working_wait", model=slot.name, nbytes=working, reason=d.reason)
+                    self._cond.wait(0.5)   # woken when working memory is released, a load or an eviction ends
                 head = slot.peek(self._clock, self.config.max_wait)
                 if head is None:
                     return None
@@ -102,6 +105,8 @@ class _Working:
             slot.note_working(sample)
         charged = self._ledger.end_work(slot.name) if slot.working_charged else 0
         slot.working_charged = 0
+        if charged and self._share is not None:   # every path ends here: a body's failure, a cancel, a signal
+            self._share.settle(slot.name, 0, "working")
         if sample is not None:
             self.trace.record("working_measured", model=slot.name, nbytes=sample)
         if charged:
