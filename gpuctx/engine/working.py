@@ -78,6 +78,8 @@ class _Working:
                     # with a share, other kernels' memory too (the lock released while it decides)
                     if self._share is None or self._claim_working_locked(slot, head):
                         return head
+                    if self._closed and self._cancel_on_close:
+                        return None   # the claim was withdrawn for the shutdown
                 elif d.action == "yield" or (self._closed and self._cancel_on_close):
                     self.trace.record("working_yield", model=slot.name, nbytes=working, reason=d.reason)
                     return None

@@ -4,7 +4,8 @@
 same user with the same share name keep the sum of their charges within one budget, and a
 kernel that needs memory asks the others to evict idle models for it (it never evicts them
 itself). :mod:`gpuctx.share._db` is the database (where, who may open it, the tables, dead
-kernels); :mod:`gpuctx.share._client` one kernel's side (claim, release, heartbeat). The
+kernels); :mod:`gpuctx.share._client` one kernel's side (claim, release, heartbeat);
+:mod:`gpuctx.share._nvml` NVML's view set against the charges on a GPU. The
 decisions (victims, fairness) are pure functions in :mod:`gpuctx.policy`. docs/sharing.md
 tells the whole story.
 

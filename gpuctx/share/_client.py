@@ -3,8 +3,9 @@ that publishes this kernel's models and carries out the evictions other kernels 
 
 Protocol (all of it in :mod:`gpuctx.share._db`'s tables, one transaction per step):
 
-1. **Claim.** Before the engine counts bytes for a load, :meth:`ShareClient.claim` asks the share
-   for them. When they fit (and the fairness rule allows it: :func:`gpuctx.policy.share_may_take`)
+1. **Claim.** Before the engine counts bytes (a load's weights, a context's reservation, a task's
+   working memory: the three parts of a charge, see :mod:`gpuctx.engine.sharing`),
+   :meth:`ShareClient.claim` asks the share for them. When they fit (and the fairness rule allows it: :func:`gpuctx.policy.share_may_take`)
    the charge is written and the load goes on. When not, the claim records a *request*, picks
    victims among the other kernels' idle, unpinned models (:func:`gpuctx.policy.share_victims`)
    and posts one *eviction* row per victim; then it polls every ``POLL`` seconds.
@@ -17,6 +18,9 @@ Protocol (all of it in :mod:`gpuctx.share._db`'s tables, one transaction per ste
 Between two heartbeats each kernel reads (no write) every ``POLL`` seconds whether an eviction
 was asked of it, and a group's end wakes the heartbeat (a model just turned idle), so a
 request is seen within ``POLL``, not a whole heartbeat.
+
+On a GPU each heartbeat also sets NVML's per-process view against the charges
+(:mod:`gpuctx.share._nvml`): memory of processes outside the share shrinks the room claims see.
 
 A kernel never evicts another's model: it only asks. Dead kernels (SIGKILL, a crash) stop
 heartbeating; after ``STALE`` seconds without one, the next kernel to touch the share checks
