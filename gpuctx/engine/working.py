@@ -9,7 +9,9 @@ is its ``@gpu_task(working=...)``, else its model's ``@gpuctx.model(working=...)
 model's running estimate: on a device that measures (a GPU) each task's allocator peak minus
 what was allocated when it started, folded by :func:`gpuctx.policy.working_estimate`. On the
 CPU it is declared only. Graph replays launched at submit and CPU-pool tasks are not charged:
-a replay allocates nothing new, and the CPU pool runs outside the budget.
+a replay allocates nothing new, and the CPU pool runs outside the budget. With a share
+(:mod:`gpuctx.engine.sharing`) the same bytes are claimed from it before the task starts, the
+lock released meanwhile, and settled when the task ends.
 
 **SM shares.** A context may ask for a share of the GPU's SMs. :func:`gpuctx.policy.plan`
 starts a group only when the shares of the groups running at once stay within 1.0
