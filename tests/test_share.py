@@ -186,7 +186,7 @@ def test_stress_a_thousand_cross_process_eviction_cycles_leave_charges_equal_to_
 def _fake_kernel(share: str, pid: int, started: str | None, nbytes: int, age: float) -> int:
     db = _db(share)
     cur = db.execute("INSERT INTO kernels(pid, started, heartbeat) VALUES (?, ?, ?)", (pid, started, time.time() - age))
-    db.execute("INSERT INTO charges(kernel, model, nbytes, busy) VALUES (?, 'ghost', ?, 1)", (cur.lastrowid, nbytes))
+    db.execute("INSERT INTO charges(kernel, model, used, busy) VALUES (?, 'ghost', ?, 1)", (cur.lastrowid, nbytes))
     return cur.lastrowid
 
 

@@ -32,9 +32,10 @@ A free-threaded Python (no GIL) takes the locked way for every call.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import policy
 from ..errors import SchedulerClosed
@@ -81,6 +82,18 @@ class _Guard(threading.Condition):
         if self.intake:
             self._ingest_holding()
         return woke
+
+    @contextlib.contextmanager
+    def unlocked(self) -> Iterator[None]:
+        """Release the lock around a call that may block on something outside the engine (a
+        share's claim); taken again on the way out, with the intake taken in as :meth:`wait` does."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            if self.intake:
+                self._ingest_holding()
 
     def _ingest_holding(self) -> None:
         try:

@@ -162,26 +162,36 @@ class _Registry:
         _check_queue_limits(name, max_queue, overflow)
         share, count = check_sm(sm_share, sm_count, f"context {name!r}")
         self._check_sm_count(name, count)
-        while True:
-            with self._cond:
-                if mx is not None and mx > self.budget:
-                    raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is larger than the whole budget {format_size(self.budget)}")
-                s = self._slots.get(name) or Slot(name=name)   # recorded only once admitted
-                if s.explicit_context:
-                    raise ConfigError(f"context {name!r} exists already; use another name or gpuctx.reset()")
-                if mx is not None and s.size_source != "label" and s.size > mx:
-                    raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is below its model's size {s.describe_size()}")
-                victims = self._reclaim_for_locked(name, tier, base) if base else ()
-                if not victims:
-                    if base:
-                        self._ledger.reserve_base(name, base)   # AdmissionError with the numbers
-                    self._slots[name] = s
-                    s.qos, s.base, s.max_vram, s.explicit_context = tier, base, mx, True
-                    _apply_queue_limits(s, max_queue, overflow)
-                    sm_note = self._set_sm_share_locked(s, share, count)
-                    break
-            for v in victims:   # idle best-effort and burst memory goes, so the reservation holds
-                self._evict_marked(self._slots[v], f"room for context {name!r}'s reservation")
+        claimed = None   # the share the reservation was claimed from (gpuctx.engine.sharing)
+        try:
+            while True:
+                with self._cond:
+                    if mx is not None and mx > self.budget:
+                        raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is larger than the whole budget {format_size(self.budget)}")
+                    s = self._slots.get(name) or Slot(name=name)   # recorded only once admitted
+                    if s.explicit_context:
+                        raise ConfigError(f"context {name!r} exists already; use another name or gpuctx.reset()")
+                    if mx is not None and s.size_source != "label" and s.size > mx:
+                        raise ConfigError(f"context {name!r}: max_vram={format_size(mx)} is below its model's size {s.describe_size()}")
+                    victims = self._reclaim_for_locked(name, tier, base) if base else ()
+                    unclaimed = bool(base) and self._share is not None and claimed is not self._share
+                    if not victims and not unclaimed:
+                        if base:
+                            self._ledger.reserve_base(name, base)   # AdmissionError with the numbers
+                        self._slots[name] = s
+                        s.qos, s.base, s.max_vram, s.explicit_context = tier, base, mx, True
+                        _apply_queue_limits(s, max_queue, overflow)
+                        sm_note = self._set_sm_share_locked(s, share, count)
+                        break
+                for v in victims:   # idle best-effort and burst memory goes, so the reservation holds
+                    self._evict_marked(self._slots[v], f"room for context {name!r}'s reservation")
+                if not victims:   # other kernels' memory: claimed outside the lock; AdmissionError when refused
+                    claimed = self._share_reserve(name, base)
+        except BaseException:
+            if claimed is not None:   # refused here after all: the share gets it back
+                with self._cond:
+                    claimed.settle(name, self._ledger.reserved.get(name, 0), "base")
+            raise
         warn_sm(sm_note)
         return s
 

@@ -34,6 +34,7 @@ class _Residency:
                 size = policy.auto_size_claim(self._snapshot_locked(), slot.name)
                 if self._share is not None:   # before it is measured, only what no other kernel holds
                     size = min(size, self._share.free())
+        share = self._share
         if not self._share_claim(slot.name, size):   # other kernels' memory: asked for outside the lock
             return False
         with self._cond:
@@ -89,7 +90,8 @@ class _Residency:
             nbytes = self._ledger.used.get(slot.name, 0)
             self.trace.record("restore" if was_offloaded else "load_end", model=slot.name, context=slot.name,
                               nbytes=nbytes, duration=dt, vram=self._ledger.committed())
-        if self._share is not None and nbytes != size:   # measured at load: the share is charged what it took
+        if self._share is not None and (nbytes != size or self._share is not share):
+            # measured at load (the share is charged what it took), or a share joined meanwhile
             self._share_claim(slot.name, nbytes)
         self._tell_residency("end", what, slot.name, nbytes, dt)
         for v in victims:
@@ -269,55 +271,3 @@ class _Residency:
         for v in victims:
             self._evict_marked(self._slots[v], reason="out of memory in " + repr(slot.name))
         self._device.empty_caches()
-
-    # ------------------------------------------------------------------ a share (gpuctx.share)
-    # The engine only asks and tells: a claim before the ledger counts bytes for a load (outside
-    # the lock: it may wait while other kernels evict), a release written under the lock (so it
-    # is never written after the next claim of the same model), and the two queries below.
-    def attach_share(self, share: Any) -> None:
-        """Take part in a share (``None``: leave it); the budget becomes the smaller of ours and the share's."""
-        with self._cond:
-            self._share = share
-            budget = self._compute_budget()
-            if share is not None:
-                budget = min(budget, share.budget)
-            if budget < self._ledger.committed():
-                budget = self._ledger.committed()   # never below what is resident; the share waits for it
-            self._ledger.budget = self.trace.budget = budget
-            self._cond.notify_all()
-
-    @property
-    def share(self) -> Any:
-        """The share this scheduler takes part in (a ``gpuctx.share.ShareClient``), or None."""
-        return self._share
-
-    def share_rows(self) -> tuple[int, list[tuple]]:
-        """(live tasks, [(model, bytes used, busy, pinned, priority, queued, idle seconds, load seconds)]):
-        what a share's heartbeat publishes; "busy" is anything but resident and idle."""
-        with self._cond:
-            now = self._clock()
-            rows = [(s.name, self._ledger.used.get(s.name, 0), s.busy or s.state != policy.RESIDENT or s.is_label,
-                     s.pin, s.priority, s.queued + s.pending, max(0.0, now - s.last_used), s.load_cost)
-                    for s in self._slots.values() if self._ledger.used.get(s.name, 0)]
-            return len(self._live), rows
-
-    def evict_for_share(self, name: str, requester: str) -> bool:
-        """Evict idle, unpinned model ``name`` because another kernel of the share asked; False
-        (nothing done) when it is busy, pinned or not resident any more."""
-        with self._cond:
-            s = self._slots.get(name)
-            if s is None or s.busy or s.pin or s.is_label or s.state != policy.RESIDENT:
-                return False
-            reason = f"asked by {requester}"
-            self._mark_evicting_locked(s, reason)
-            self.trace.record("share_evict", model=name, context=name, reason=reason)
-        self._evict_marked(s, reason)
-        return True
-
-    def _share_claim(self, name: str, nbytes: int) -> bool:
-        share = self._share
-        return share is None or share.claim(name, nbytes, lambda: self._closed)
-
-    def _share_settle_locked(self, name: str) -> None:
-        if self._share is not None:
-            self._share.settle(name, self._ledger.used.get(name, 0))

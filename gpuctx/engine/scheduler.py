@@ -30,6 +30,7 @@ from .intake import _Intake
 from .registry import _Registry
 from .residency import _Residency
 from .session import Session
+from .sharing import _Sharing
 from .spec import Config, current_frame
 from .state import _QUEUED, _Transitions, _WAITING, _resolve
 from .working import _Working
@@ -45,7 +46,7 @@ class EngineView(NamedTuple):
 
 
 class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency, _Execution, _Transitions,
-                _Working):
+                _Working, _Sharing):
     """One per kernel: accepts tasks, keeps VRAM within budget, runs groups on per-slot workers.
 
     Args:

@@ -9,7 +9,9 @@ is its ``@gpu_task(working=...)``, else its model's ``@gpuctx.model(working=...)
 model's running estimate: on a device that measures (a GPU) each task's allocator peak minus
 what was allocated when it started, folded by :func:`gpuctx.policy.working_estimate`. On the
 CPU it is declared only. Graph replays launched at submit and CPU-pool tasks are not charged:
-a replay allocates nothing new, and the CPU pool runs outside the budget.
+a replay allocates nothing new, and the CPU pool runs outside the budget. With a share
+(:mod:`gpuctx.engine.sharing`) the same bytes are claimed from it before the task starts, the
+lock released meanwhile, and settled when the task ends.
 
 **SM shares.** A context may ask for a share of the GPU's SMs. :func:`gpuctx.policy.plan`
 starts a group only when the shares of the groups running at once stay within 1.0
@@ -75,14 +77,19 @@ class _Working:
                 if d.action == "start" and self._ledger.can_work(slot.name, d.charge):
                     self._ledger.start_work(slot.name, d.charge)
                     slot.working_charged = d.charge
-                    return head
-                if d.action == "yield" or (self._closed and self._cancel_on_close):
+                    # with a share, other kernels' memory too (the lock released while it decides)
+                    if self._share is None or self._claim_working_locked(slot, head):
+                        return head
+                    if self._closed and self._cancel_on_close:
+                        return None   # the claim was withdrawn for the shutdown
+                elif d.action == "yield" or (self._closed and self._cancel_on_close):
                     self.trace.record("working_yield", model=slot.name, nbytes=working, reason=d.reason)
                     return None
-                if slot.name not in waiters:
-                    waiters.append(slot.name)
-                    self.trace.record("working_wait", model=slot.name, nbytes=working, reason=d.reason)
-                self._cond.wait(0.5)   # woken when working memory is released, a load or an eviction ends
+                else:
+                    if slot.name not in waiters:
+                        waiters.append(slot.name)
+                        self.trace.record("working_wait", model=slot.name, nbytes=working, reason=d.reason)
+                    self._cond.wait(0.5)   # woken when working memory is released, a load or an eviction ends
                 head = slot.peek(self._clock, self.config.max_wait)
                 if head is None:
                     return None
@@ -102,6 +109,8 @@ class _Working:
             slot.note_working(sample)
         charged = self._ledger.end_work(slot.name) if slot.working_charged else 0
         slot.working_charged = 0
+        if charged and self._share is not None:   # every path ends here: a body's failure, a cancel, a signal
+            self._share.settle(slot.name, 0, "working")
         if sample is not None:
             self.trace.record("working_measured", model=slot.name, nbytes=sample)
         if charged:

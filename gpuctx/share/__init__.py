@@ -4,7 +4,8 @@
 same user with the same share name keep the sum of their charges within one budget, and a
 kernel that needs memory asks the others to evict idle models for it (it never evicts them
 itself). :mod:`gpuctx.share._db` is the database (where, who may open it, the tables, dead
-kernels); :mod:`gpuctx.share._client` one kernel's side (claim, release, heartbeat). The
+kernels); :mod:`gpuctx.share._client` one kernel's side (claim, release, heartbeat);
+:mod:`gpuctx.share._nvml` NVML's view set against the charges on a GPU. The
 decisions (victims, fairness) are pure functions in :mod:`gpuctx.policy`. docs/sharing.md
 tells the whole story.
 
@@ -18,38 +19,21 @@ from typing import Any
 
 from ._client import HEARTBEAT, POLL, STALE, KernelInfo, ShareClient
 from ._db import check_name, share_dir, share_path
+from ._nvml import Reconciled, device_uuid, nvml_probe, reconcile
 
-__all__ = ["HEARTBEAT", "POLL", "STALE", "KernelInfo", "ShareClient", "check_name", "default_name", "follow",
-           "leave", "probe", "share_dir", "share_path", "target"]
+__all__ = ["HEARTBEAT", "POLL", "STALE", "KernelInfo", "Reconciled", "ShareClient", "check_name", "default_name",
+           "device_uuid", "follow", "leave", "nvml_probe", "probe", "reconcile", "share_dir", "share_path", "target"]
 
 
 def default_name(device: Any) -> str | None:
     """The share a kernel joins when ``share`` is not set: on a CUDA device its UUID (so two
     notebooks on one card cooperate with no setup); on the CPU none (the share is explicit).
 
-    Only on a GPU (not exercised by the CPU tests): the UUID from torch, else from NVML.
+    The UUID comes from torch, else from NVML (:func:`gpuctx.share._nvml.device_uuid`).
     """
-    name = getattr(device, "name", "")
-    if not isinstance(name, str) or not name.startswith("cuda"):
+    uuid = device_uuid(device)
+    if uuid is None:
         return None
-    index = int(name.partition(":")[2] or 0)
-    uuid = None
-    try:   # torch first: its index counts CUDA_VISIBLE_DEVICES, as the device's name does
-        import torch
-
-        uuid = "GPU-" + str(torch.cuda.get_device_properties(index).uuid)
-    except Exception:  # noqa: BLE001 - no torch UUID: ask NVML (its index is the physical one)
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            try:
-                raw = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
-                uuid = raw.decode() if isinstance(raw, bytes) else str(raw)
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - no UUID: no default share
-            return None
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in uuid).strip("-.")
     return check_name(safe) if safe else None
 
@@ -94,14 +78,17 @@ def follow(sched: Any, setting: str | bool | None, strict: bool) -> None:
         current.close()
     if want is None:
         return
+    client = None
     try:
-        client = ShareClient(want, sched.budget, sched.share_rows, sched.evict_for_share)
+        client = ShareClient(want, sched.budget, sched.share_rows, sched.evict_for_share,
+                             probe=nvml_probe(sched.device), safety_factor=sched.config.safety_factor)
+        sched.attach_share(client)   # ShareError when the share cannot hold what this kernel holds already
     except ShareError as exc:
+        if client is not None:
+            client.close()
         if strict:
             raise
         warnings.warn(f"gpuctx: {exc}; this kernel works alone", RuntimeWarning, stacklevel=3)
-        return
-    sched.attach_share(client)
 
 
 def leave(sched: Any) -> None:

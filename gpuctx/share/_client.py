@@ -3,8 +3,9 @@ that publishes this kernel's models and carries out the evictions other kernels 
 
 Protocol (all of it in :mod:`gpuctx.share._db`'s tables, one transaction per step):
 
-1. **Claim.** Before the engine counts bytes for a load, :meth:`ShareClient.claim` asks the share
-   for them. When they fit (and the fairness rule allows it: :func:`gpuctx.policy.share_may_take`)
+1. **Claim.** Before the engine counts bytes (a load's weights, a context's reservation, a task's
+   working memory: the three parts of a charge, see :mod:`gpuctx.engine.sharing`),
+   :meth:`ShareClient.claim` asks the share for them. When they fit (and the fairness rule allows it: :func:`gpuctx.policy.share_may_take`)
    the charge is written and the load goes on. When not, the claim records a *request*, picks
    victims among the other kernels' idle, unpinned models (:func:`gpuctx.policy.share_victims`)
    and posts one *eviction* row per victim; then it polls every ``POLL`` seconds.
@@ -17,6 +18,9 @@ Protocol (all of it in :mod:`gpuctx.share._db`'s tables, one transaction per ste
 Between two heartbeats each kernel reads (no write) every ``POLL`` seconds whether an eviction
 was asked of it, and a group's end wakes the heartbeat (a model just turned idle), so a
 request is seen within ``POLL``, not a whole heartbeat.
+
+On a GPU each heartbeat also sets NVML's per-process view against the charges
+(:mod:`gpuctx.share._nvml`): memory of processes outside the share shrinks the room claims see.
 
 A kernel never evicts another's model: it only asks. Dead kernels (SIGKILL, a crash) stop
 heartbeating; after ``STALE`` seconds without one, the next kernel to touch the share checks
@@ -37,6 +41,8 @@ from typing import Callable
 
 from .. import policy
 from . import _db
+from ..units import format_size
+from ._nvml import Reconciled, reconcile
 
 __all__ = ["ShareClient", "KernelInfo"]
 
@@ -69,15 +75,24 @@ class ShareClient:
         rows: ``() -> (live tasks, [(model, bytes, busy, pinned, priority, queued, idle_for, load_cost)])``,
             this kernel's models now (the engine's ``share_rows``).
         evict: ``(model, why) -> bool``, evict one idle model for another kernel (``evict_for_share``).
+        probe: on a CUDA device, ``() -> (total bytes, {pid: bytes used})`` from NVML
+            (:func:`gpuctx.share.nvml_probe`); each heartbeat reconciles the charges with it.
+            None (the CPU device): no reconciliation.
+        safety_factor: the share of the card's total memory the share may charge at most (the
+            configuration's ``safety_factor``), with a probe only.
     """
 
     def __init__(self, name: str, budget: int, rows: Callable[[], tuple[int, list[tuple]]],
-                 evict: Callable[[str, str], bool]) -> None:
+                 evict: Callable[[str, str], bool], probe: Callable[[], tuple[int, dict]] | None = None,
+                 safety_factor: float = 1.0) -> None:
         self.name = _db.check_name(name)
         self.path = _db.share_path(name)
         self._conn, shared = _db.connect(self.path, budget)
         self.budget: int = shared if shared is not None else budget
         self._rows, self._evict = rows, evict
+        self._probe, self._safety = probe, safety_factor
+        self.reconciled: Reconciled | None = None   # NVML's view at the last heartbeat (a GPU only)
+        self._warned: set[int] = set()               # pids warned about being above their charges
         self._lock = threading.Lock()   # one connection, used by workers, the engine and the heartbeat
         self._alone = False
         self._stop = threading.Event()
@@ -109,18 +124,27 @@ class ShareClient:
         return self._alone
 
     # ------------------------------------------------------------------ the engine's calls
-    def claim(self, model: str, nbytes: int, closed: Callable[[], bool]) -> bool:
-        """Charge ``nbytes`` for ``model``, waiting (outside every lock) while other kernels evict.
+    def claim(self, model: str, nbytes: int, closed: Callable[[], bool], part: str = "used",
+              patience: float | None = None) -> bool:
+        """Set ``part`` of ``model``'s charge to ``nbytes``, waiting (outside every lock) while other
+        kernels evict: ``part`` is "used" (weights, before a load), "working" (a task's working
+        memory, before it starts) or "base" (a context's reservation); the charge is
+        max(base, used + working), as the kernel's own ledger counts it.
 
-        Returns False only when ``closed()`` turned True while waiting (the request is withdrawn).
+        Returns False when ``closed()`` turned True while waiting, or, with ``patience`` (seconds),
+        when the bytes did not come free within it or no idle model of another kernel can free
+        them now (an admission: it does not wait for running work); the request is then withdrawn.
         """
+        column = _column(part)
         since = time.time()
+        deadline = None if patience is None else time.monotonic() + patience
         while not self._alone:
             try:
                 with self._lock:
-                    if self._try_claim(model, nbytes, since):
+                    got = self._try_claim(model, nbytes, since, column)
+                    if got is True:
                         return True
-                    if closed():
+                    if closed() or (deadline is not None and (got is None or time.monotonic() >= deadline)):
                         with self._txn() as c:
                             c.execute("DELETE FROM requests WHERE kernel = ? AND model = ?", (self.id, model))
                             c.execute("DELETE FROM evictions WHERE requester = ? AND for_model = ?", (self.id, model))
@@ -131,49 +155,68 @@ class ShareClient:
             time.sleep(POLL)
         return True
 
-    def _try_claim(self, model: str, nbytes: int, since: float) -> bool:
+    def _try_claim(self, model: str, nbytes: int, since: float, column: str) -> bool | None:
+        """One try: True granted; False waiting (victims asked, or coming); None: nothing can free it now."""
         me = self.id
         with self._txn() as c:
             _db.reap(c, me, time.time(), STALE)
+            budget = self._budget_now(c)
             held = dict(c.execute("SELECT kernel, SUM(nbytes) FROM charges GROUP BY kernel").fetchall())
-            cur = c.execute("SELECT nbytes FROM charges WHERE kernel = ? AND model = ?", (me, model)).fetchone()
-            extra = nbytes - (cur[0] if cur else 0)
+            row = c.execute("SELECT used, working, base FROM charges WHERE kernel = ? AND model = ?",
+                            (me, model)).fetchone()
+            parts = dict(zip(_PARTS, row or (0, 0, 0)))
+            before = max(parts["base"], parts["used"] + parts["working"])
+            parts[column] = nbytes
+            extra = max(parts["base"], parts["used"] + parts["working"]) - before
             demands = _demands(c, held)
-            if extra <= 0 or policy.share_may_take(self.budget, demands, me, extra):
-                c.execute("INSERT INTO charges(kernel, model, nbytes) VALUES (?, ?, ?) ON CONFLICT(kernel, model) "
-                          "DO UPDATE SET nbytes = excluded.nbytes, busy = 1", (me, model, nbytes))
+            if extra <= 0 or policy.share_may_take(budget, demands, me, extra):
+                # in use from now (last_used too: until the owner's next heartbeat it is not "idle for ever")
+                c.execute(f"INSERT INTO charges(kernel, model, {column}, last_used) VALUES (?, ?, ?, ?) ON CONFLICT"
+                          f"(kernel, model) DO UPDATE SET {column} = excluded.{column}, busy = 1, last_used = "
+                          "excluded.last_used", (me, model, nbytes, time.time()))
                 c.execute("DELETE FROM requests WHERE kernel = ? AND model = ?", (me, model))
                 c.execute("DELETE FROM evictions WHERE requester = ? AND for_model = ?", (me, model))
                 return True
             c.execute("INSERT INTO requests VALUES (?, ?, ?, ?) ON CONFLICT(kernel, model) DO UPDATE SET need = "
                       "excluded.need", (me, model, extra, since))
-            coming = c.execute("SELECT COALESCE(SUM(c.nbytes), 0) FROM evictions e JOIN charges c ON c.kernel = "
+            # what an eviction frees: the charge less what stays (a context's reservation)
+            coming = c.execute(f"SELECT COALESCE(SUM({_FREED}), 0) FROM evictions e JOIN charges c ON c.kernel = "
                                "e.kernel AND c.model = e.model WHERE e.requester = ? AND e.for_model = ?",
                                (me, model)).fetchone()[0]
-            short = extra - (self.budget - sum(held.values())) - coming
-            if short > 0:
-                asked = set(c.execute("SELECT kernel, model FROM evictions").fetchall())
-                now = time.time()
-                models = [policy.SharedModel(k, m, n, bool(b), bool(p), pr, q, now - used, lc) for k, m, n, b, p, pr,
-                          q, used, lc in c.execute("SELECT kernel, model, nbytes, busy, pinned, priority, queued, "
-                                                   "last_used, load_cost FROM charges").fetchall() if (k, m) not in asked]
-                for k, m in policy.share_victims(models, short, me, self.budget, _with_me(demands, me, extra)) or ():
-                    c.execute("INSERT OR IGNORE INTO evictions VALUES (?, ?, ?, ?, ?)", (k, m, me, model, time.time()))
-            return False
+            short = extra - (budget - sum(held.values())) - coming
+            if short <= 0:
+                return False
+            asked = set(c.execute("SELECT kernel, model FROM evictions").fetchall())
+            now = time.time()
+            models = [policy.SharedModel(k, m, n, bool(b), bool(p), pr, q, now - used, lc) for k, m, n, b, p, pr,
+                      q, used, lc in c.execute(f"SELECT kernel, model, {_FREED}, busy, pinned, priority, queued, "
+                                               "last_used, load_cost FROM charges c").fetchall() if (k, m) not in asked]
+            victims = policy.share_victims(models, short, me, budget, _with_me(demands, me, extra))
+            for k, m in victims or ():
+                c.execute("INSERT OR IGNORE INTO evictions VALUES (?, ?, ?, ?, ?)", (k, m, me, model, time.time()))
+            return False if victims or coming else None
 
-    def settle(self, model: str, nbytes: int) -> None:
-        """``model`` now uses ``nbytes`` (less than it claimed, 0 after an eviction). Called under the
-        engine's lock, so a release is never written after the next claim of the same model."""
+    def _budget_now(self, c: sqlite3.Connection) -> int:
+        """The share's budget, or less on a GPU: the room NVML leaves once processes outside the
+        share are counted (written by the heartbeats of kernels on a GPU; none on the CPU)."""
+        row = c.execute("SELECT value FROM meta WHERE key = 'room'").fetchone()
+        return self.budget if row is None else min(self.budget, int(row[0]))
+
+    def settle(self, model: str, nbytes: int, part: str = "used") -> None:
+        """``part`` of ``model``'s charge is now at most ``nbytes`` (less than it claimed, 0 after an
+        eviction or a task's end). Called under the engine's lock, so a release is never written
+        after the next claim of the same model. Never raises the charge."""
         if self._alone:
             return
+        column = _column(part)
         try:
             with self._lock, self._txn() as c:
-                if nbytes <= 0:
-                    c.execute("DELETE FROM charges WHERE kernel = ? AND model = ?", (self.id, model))
+                c.execute(f"UPDATE charges SET {column} = MIN({column}, ?) WHERE kernel = ? AND model = ?",
+                          (max(0, nbytes), self.id, model))
+                c.execute("DELETE FROM charges WHERE kernel = ? AND model = ? AND used = 0 AND working = 0 "
+                          "AND base = 0", (self.id, model))
+                if column == "used" and nbytes <= 0:
                     c.execute("DELETE FROM evictions WHERE kernel = ? AND model = ?", (self.id, model))
-                else:
-                    c.execute("UPDATE charges SET nbytes = MIN(nbytes, ?) WHERE kernel = ? AND model = ?",
-                              (nbytes, self.id, model))
         except sqlite3.Error as exc:
             self._go_alone(exc)
 
@@ -183,7 +226,8 @@ class ShareClient:
             return self.budget
         try:
             with self._lock:
-                return self.budget - self._conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM charges").fetchone()[0]
+                c = self._conn
+                return self._budget_now(c) - c.execute("SELECT COALESCE(SUM(nbytes), 0) FROM charges").fetchone()[0]
         except sqlite3.Error as exc:
             self._go_alone(exc)
             return self.budget
@@ -222,6 +266,7 @@ class ShareClient:
         """One heartbeat: publish this kernel's models, reap dead kernels, carry out the evictions
         asked of it. Returns how many it did (the heartbeat thread calls this)."""
         live, rows = self._rows()
+        seen = self._probe() if self._probe is not None else None   # NVML, outside the share's lock
         now = time.time()   # idle ages become wall-clock times: comparable across processes
         with self._lock, self._txn() as c:
             if c.execute("UPDATE kernels SET heartbeat = ?, queued = ? WHERE id = ?",
@@ -231,6 +276,8 @@ class ShareClient:
                           "load_cost = ? WHERE kernel = ? AND model = ?",
                           [(int(b), int(p), pr, q, now - idle, lc, self.id, m) for m, _n, b, p, pr, q, idle, lc in rows])
             _db.reap(c, self.id, time.time(), STALE)
+            if seen is not None:
+                self._reconcile_locked(c, *seen)
             asked = c.execute("SELECT e.model, e.requester, k.pid, k.notebook FROM evictions e LEFT JOIN kernels k "
                               "ON k.id = e.requester WHERE e.kernel = ?", (self.id,)).fetchall()
         done = 0
@@ -242,6 +289,35 @@ class ShareClient:
                 if not ok:   # it became busy: not a victim until the next heartbeat says otherwise
                     c.execute("UPDATE charges SET busy = 1 WHERE kernel = ? AND model = ?", (self.id, model))
         return done
+
+    def _reconcile_locked(self, c: sqlite3.Connection, total: int, used: dict[int, int | None]) -> None:
+        """Set NVML's per-process use against the charges (inside the heartbeat's transaction):
+        the room left by processes outside the share goes to the database, for every kernel's
+        claims; a kernel above its charges is named in a warning, once until it is back within."""
+        kernels = c.execute("SELECT k.pid, k.notebook, COALESCE(SUM(c.nbytes), 0) FROM kernels k LEFT JOIN charges c "
+                            "ON c.kernel = k.id GROUP BY k.id").fetchall()
+        charged: dict[int, int] = {}
+        names: dict[int, str] = {}
+        for pid, notebook, nbytes in kernels:
+            charged[pid] = charged.get(pid, 0) + nbytes
+            names[pid] = "this kernel" if pid == self.pid else f"kernel {notebook or f'pid {pid}'}"
+        r = self.reconciled = reconcile(charged, used, self.pid)
+        if not r.matched:
+            if -1 not in self._warned:
+                self._warned.add(-1)
+                warnings.warn(f"gpuctx: share {self.name!r}: NVML does not list this kernel's pid {self.pid} among the "
+                              "card's processes (a container with its own pid namespace?); memory of processes "
+                              "outside the share is not subtracted", RuntimeWarning, stacklevel=2)
+            return
+        c.execute("INSERT INTO meta VALUES ('room', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                  (str(r.room(total, self._safety)),))
+        over = {pid for pid, _, _ in r.over}
+        for pid, nbytes, real in r.over:
+            if pid not in self._warned:
+                warnings.warn(f"gpuctx: share {self.name!r}: {names[pid]} uses {format_size(real)} of the card "
+                              f"(NVML) but is charged {format_size(nbytes)}: undeclared working memory or memory "
+                              "allocated outside gpuctx; the share cannot see it", RuntimeWarning, stacklevel=2)
+        self._warned = {p for p in self._warned if p < 0 or p in over} | over
 
     # ------------------------------------------------------------------ views and the end
     def others(self) -> tuple[KernelInfo, ...]:
@@ -283,6 +359,16 @@ class ShareClient:
                     pass
             self._alone = True
             self._conn.close()
+
+
+_PARTS = ("used", "working", "base")
+_FREED = "c.nbytes - MAX(c.base, c.working)"   # what evicting a (charges c) row's model gives back
+
+
+def _column(part: str) -> str:
+    if part not in _PARTS:
+        raise ValueError(f"part={part!r}: expected one of {', '.join(_PARTS)}")
+    return part
 
 
 class _Txn:

@@ -10,12 +10,20 @@ the same free bytes.
 
 Tables::
 
-    meta(key, value)                         budget (set by the kernel that created the share), schema
+    meta(key, value)                         budget (set by the kernel that created the share), schema,
+                                             room (on a GPU: what NVML leaves the share once processes
+                                             outside it are counted; see gpuctx.share._nvml)
     kernels(id, pid, started, heartbeat,     one row per live kernel; ``started`` is the process's start
             notebook, queued)                time (/proc), so a reused pid is not the dead kernel
-    charges(kernel, model, nbytes, busy,     bytes charged per model, with what victim choice needs;
-            pinned, priority, queued,        published by the owner's heartbeat (last_used:
-            last_used, load_cost)           wall-clock seconds, comparable across processes)
+    charges(kernel, model, used, working,    bytes charged per model or context in three parts, each
+            base, nbytes, busy, pinned,      written by one path of its kernel: ``used`` (weights,
+            priority, queued, last_used,     claimed before a load), ``working`` (a running task's
+            load_cost)                       working memory), ``base`` (a context's reservation);
+                                             ``nbytes`` = max(base, used + working), as the kernel's
+                                             own ledger counts it (a generated column). The rest is
+                                             what victim choice needs, published by the owner's
+                                             heartbeat (last_used: wall-clock seconds, comparable
+                                             across processes)
     requests(kernel, model, need, since)     a claim that did not fit: the kernel waits
     evictions(kernel, model, requester,      "please evict": posted by a requester, carried out by the
               for_model, posted)             owner's housekeeping, then deleted
@@ -31,16 +39,17 @@ import tempfile
 
 from ..errors import ConfigError, ShareError
 
-SCHEMA = 2
+SCHEMA = 3   # 3: charges in parts (used, working, base); 2 charged weights only
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS kernels(id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL, started TEXT,
     heartbeat REAL NOT NULL, notebook TEXT, queued INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS charges(kernel INTEGER NOT NULL, model TEXT NOT NULL, nbytes INTEGER NOT NULL,
-    busy INTEGER NOT NULL DEFAULT 1, pinned INTEGER NOT NULL DEFAULT 0, priority INTEGER NOT NULL DEFAULT 0,
-    queued INTEGER NOT NULL DEFAULT 0, last_used REAL NOT NULL DEFAULT 0, load_cost REAL NOT NULL DEFAULT 1,
+CREATE TABLE IF NOT EXISTS charges(kernel INTEGER NOT NULL, model TEXT NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0, working INTEGER NOT NULL DEFAULT 0, base INTEGER NOT NULL DEFAULT 0,
+    nbytes INTEGER GENERATED ALWAYS AS (MAX(base, used + working)) VIRTUAL, busy INTEGER NOT NULL DEFAULT 1,
+    pinned INTEGER NOT NULL DEFAULT 0, priority INTEGER NOT NULL DEFAULT 0, queued INTEGER NOT NULL DEFAULT 0, last_used REAL NOT NULL DEFAULT 0, load_cost REAL NOT NULL DEFAULT 1,
     PRIMARY KEY(kernel, model));
 CREATE TABLE IF NOT EXISTS requests(kernel INTEGER NOT NULL, model TEXT NOT NULL, need INTEGER NOT NULL,
     since REAL NOT NULL, PRIMARY KEY(kernel, model));
@@ -92,6 +101,9 @@ def connect(path: str, budget: int | None) -> tuple[sqlite3.Connection, int | No
         ShareError: the directory or file belongs to someone else or is readable by others, or
             the file is not a gpuctx share database (corrupt); the message names the path.
     """
+    if sqlite3.sqlite_version_info < (3, 31):   # generated columns (charges.nbytes)
+        raise ShareError(f"share database {path}: SQLite {sqlite3.sqlite_version} is too old (3.31 or newer is "
+                         "needed); use a Python built with a newer SQLite, or configure(share=False)")
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
