@@ -91,10 +91,12 @@ __all__ = [
     "choose_victims",
     "fits_ever",
     "free_bytes",
+    "in_quantum",
     "next_use",
     "patience",
     "plan",
     "rank_key",
+    "remaining",
     "should_yield",
     "stepped_aside",
     "switch_cost",
@@ -145,6 +147,7 @@ class SlotView:
     next_use: float | None = None  # estimated distance to its next use (None: from queued/pending)
     keep_alive: float | None = None  # seconds it may stay idle before it is unloaded (None: forever)
     label: bool = False          # no loader: its VRAM is held only while its tasks run
+    run_cost: float = 0.0        # seconds one of its tasks (or batches) runs (EWMA; 0 until one is seen)
 
     @property
     def resident(self) -> bool:
@@ -334,9 +337,29 @@ def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int)
     return set(victims) if victims is not None else set()
 
 
+def remaining(s: SlotView) -> float:
+    """Seconds of ready work ``s`` has queued, by its measured run time (0 until one is seen)."""
+    return s.queued * s.run_cost
+
+
+def in_quantum(s: SlotView, now: float, params: PolicyParams) -> bool:
+    """True while the running group ``s`` keeps the wait it had when it started.
+
+    For its quantum, ``P(s)`` seconds after its group started; then, for its *tail*, as long
+    as what it has left (:func:`remaining`) ends within ``k x switch_cost(s)`` of the quantum's
+    end. Stopping a group with a short tail left costs a switch back to it later, which is
+    what the tail is worth waiting for; the tail's hard end keeps the starvation bound.
+    """
+    if s.started is None:
+        return False
+    run_for, quantum = now - s.started, patience(s, params)
+    if run_for < quantum:
+        return True
+    return s.run_cost > 0 and run_for + remaining(s) <= quantum + params.switch_factor * switch_cost(s)
+
+
 def _aside(s: SlotView, now: float, params: PolicyParams) -> SlotView:
-    quantum = s.started is not None and now - s.started < patience(s, params)
-    return replace(s, busy=False, started=None, waiting_since=_since(s) if quantum else now)
+    return replace(s, busy=False, started=None, waiting_since=_since(s) if in_quantum(s, now, params) else now)
 
 
 def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:

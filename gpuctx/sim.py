@@ -106,20 +106,31 @@ def _body(pause: Any, seconds: float, *deps: Any) -> None:
     pause(seconds)
 
 
+def _serial_pause(pause: Any, gpu: Any, seconds: float) -> None:
+    """``pause`` holding the one GPU: ``gpu`` is an inbox with one token (a FIFO mutex on either driver)."""
+    token = gpu.get()
+    try:
+        pause(seconds)
+    finally:
+        gpu.put(token)
+
+
 def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *,
-             params: policy.PolicyParams | None = None) -> SimResult:
+             params: policy.PolicyParams | None = None, serial: bool = False) -> SimResult:
     """Run ``tasks`` through the engine on a virtual clock under ``budget`` bytes."""
-    return run(models, tasks, budget, params=params)
+    return run(models, tasks, budget, params=params, serial=serial)
 
 
 def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: Any = None, scale: float = 1.0,
-        params: policy.PolicyParams | None = None) -> SimResult:
+        params: policy.PolicyParams | None = None, serial: bool = False) -> SimResult:
     """Run a workload through the engine, on ``driver`` (a new virtual one by default).
 
     With a :class:`~gpuctx.engine.ThreadedDriver`, every declared time is slept for real, times
     ``scale``; the result is given in the workload's seconds either way. Every load waits until
     the whole of what arrives at time 0 is submitted, so that a live run does not start planning
-    before the workload is in (the virtual driver gets there by construction).
+    before the workload is in (the virtual driver gets there by construction). ``serial`` runs
+    the task bodies one at a time, in arrival order at one lock (one GPU that runs one call at
+    a time; loads still overlap), like ``bench/scheduling.py``'s serial mode.
     """
     for m in models:
         if m.size > budget:
@@ -128,6 +139,11 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     virtual = isinstance(driver, VirtualDriver)
     params = params or policy.PolicyParams()
     pause = functools.partial(_scaled_sleep, driver.sleep, scale)
+    body_pause = pause
+    if serial:
+        gpu = driver.inbox()
+        gpu.put("gpu")
+        body_pause = functools.partial(_serial_pause, pause, gpu)
     config = Config(budget=budget, safety_factor=1.0, device="cpu", max_wait=params.max_wait * scale,
                     aging=params.aging * scale, latency_priority=params.latency_priority, offload=False)
     sched = Scheduler(config, device=_TimedDevice(budget, {m.name: m.unload_s for m in models}, pause), driver=driver)
@@ -165,7 +181,7 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
             if spec is None:
                 spec = specs[(t.model, t.priority)] = TaskSpec(fn=_body, name=t.model, model=t.model,
                                                                 priority=t.priority)
-            handles[t.id] = sched.submit(spec, (pause, t.run_s, *(handles[d] for d in t.deps)), {})
+            handles[t.id] = sched.submit(spec, (body_pause, t.run_s, *(handles[d] for d in t.deps)), {})
         gate.set()
         if virtual:
             driver.run_until_idle()

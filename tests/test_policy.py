@@ -330,11 +330,12 @@ def test_long_backlog_switches_once_per_patience_not_per_task():
     # Each slice serves its patience less the load it began with: never one load per task.
     assert 2 < r.loads <= 2 + work / (patience - load)
     # The bound: once its last task ends, a model's wait begins; it is served again within its
-    # patience, the other's task in progress and its load.
+    # patience, the other's tail (at most k x its switch cost), its task in progress and its load.
+    tail = 4.0 * load
     for m in "ab":
         starts = sorted(r.start[t.id] for t in tasks if t.model == m)
         gaps = [y - x for x, y in zip(starts, starts[1:])]
-        assert max(gaps) <= task + (patience + task + load) + 1e-9
+        assert max(gaps) <= task + (patience + tail + task + load) + 1e-9
     again = simulate(models, tasks, 3 * G, params=PolicyParams(max_wait=0.0))
     assert (again.loads, again.start) == (r.loads, r.start)                    # deterministic
 

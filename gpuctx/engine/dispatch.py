@@ -42,6 +42,7 @@ class _Dispatch:
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
+                run_cost=s.run_cost,
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
 

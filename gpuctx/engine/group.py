@@ -68,6 +68,7 @@ class _Groups:
         """Run ``slot``'s ready tasks until its queue is empty or the policy says yield."""
         prev: Any = ()
         prev_out: list = []
+        began = 0.0
         cond = self._cond
         # The slot's model stays resident and its object the same while the slot is busy:
         # one frame serves every task of the group.
@@ -84,6 +85,7 @@ class _Groups:
                                 self._to_scrub.setdefault(slot.name, []).append(outcome[1])
                         prev = prev_out = t = outcome = ()   # the results are the futures' now, not this frame's
                         slot.last_used = self._clock()
+                        slot.note_run(slot.last_used - began)
                         if woke:   # dependents became ready (or failed): other slots may start now
                             self._dispatch_locked()
                     batch = self._next_batch_locked(slot)
@@ -100,6 +102,7 @@ class _Groups:
                     if resolved and cond.intake:
                         continue   # a done-callback just submitted more: take it in before ending the group
                     return
+                began = self._clock()
                 prev, prev_out = batch, self._execute(slot, obj, batch)
         finally:
             _current.reset(token)
