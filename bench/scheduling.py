@@ -70,7 +70,8 @@ def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float 
     budget = int(budget_gb * GB)
     loads = sum(m["loads"] + m["restores"] for m in st["models"].values())
     out = dict(loads=loads, failed=len(failed), peak=st["peak_vram"], unfinished=len(pending),
-               violations=sum(1 for e in events if e.vram is not None and e.vram > budget))
+               violations=sum(1 for e in events if e.vram is not None and e.vram > budget),
+               overlap=st["overlap"]["concurrency"])
     return {**out, **latency(wl, t0, scale, start, end)}
 
 
@@ -81,7 +82,7 @@ def run_baseline(policy, wl, budget_gb: float, *, scale: float, body_lock) -> di
         for s in r.slots.values():
             s.closed = True
         r.cv.notify_all()
-    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0,
+    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0, overlap=None,
                 **latency(wl, r.t0, scale, r.start, r.end))
 
 
@@ -119,7 +120,10 @@ def rng(vals: list, fmt: str) -> str:
 
 
 COLS = [("loads", "d"), ("makespan", ".0f"), ("p50", ".0f"), ("p95", ".0f"), ("ip95", ".0f"), ("max_wait", ".0f"),
-        ("violations", "d"), ("failed", "d"), ("unfinished", "d")]
+        ("violations", "d"), ("failed", "d"), ("unfinished", "d"), ("overlap", ".2f")]
+
+
+HEAD = {"ip95": "interactive p95", "overlap": "overlap (run s / busy s)"}
 
 
 def main() -> None:
@@ -147,7 +151,7 @@ def main() -> None:
             for mode in a.modes.split(","):
                 print(f"\n### {wl.title} — {budget} budget {gb:g} GB, {mode}; lower bound {wl.lower_bound_loads()} "
                       "loads\n")
-                print("| system | " + " | ".join(c if c != "ip95" else "interactive p95" for c, _ in COLS) + " |")
+                print("| system | " + " | ".join(HEAD.get(c, c) for c, _ in COLS) + " |")
                 print("|---|" + "---:|" * len(COLS))
                 for name in systems:
                     rows = []

@@ -89,6 +89,7 @@ __all__ = [
     "Start",
     "charge",
     "choose_victims",
+    "deferred_until",
     "fits_ever",
     "free_bytes",
     "in_quantum",
@@ -96,6 +97,7 @@ __all__ = [
     "patience",
     "plan",
     "rank_key",
+    "plan_wake",
     "remaining",
     "should_yield",
     "stepped_aside",
@@ -285,6 +287,35 @@ def choose_victims(slots: Iterable[SlotView], need: int, requester: SlotView | N
 
 def plan(snapshot: Snapshot) -> list[Start]:
     """Groups to start now, best-ranked first, each with the evictions it needs."""
+    return plan_wake(snapshot)[0]
+
+
+def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params: PolicyParams) -> float | None:
+    """When a start of ``s`` that must evict ``victims`` is worth its switches, or None if it is now.
+
+    Rent or buy: evicting an idle model to make room costs its reload when its work comes
+    back, and ``s``'s own load, while waiting costs only the waiting. So the start waits until
+    ``s``'s ready tasks have waited, together, as long as those switches take (``queued x wait
+    of the oldest`` >= ``switch_cost(s) + sum of the victims' switch costs``), and meanwhile
+    more of its work can gather in one group. Never for an urgent group, nor for a strictly
+    higher class than every victim's queued work (a pre-emption is not delayed), nor when no
+    victim is needed. At most that sum of switch costs per start: the starvation bound holds.
+    """
+    if not victims or now - _since(s) >= patience(s, params):
+        return None
+    with_work = [v for v in victims if v.queued]
+    if with_work and all((s.qos, s.head_priority) > (v.qos, v.head_priority) for v in with_work):
+        return None
+    cost = switch_cost(s) + sum(switch_cost(v) for v in victims)
+    at = _since(s) + cost / max(1, s.queued)
+    return at if at > now else None
+
+
+def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
+    """:func:`plan`, and when a group it defers (:func:`deferred_until`) may start (None: none).
+
+    Nothing else may happen before then (no arrival, no task end), so the engine plans again
+    at that time by itself."""
     params = snapshot.params
     slots = {s.name: s for s in snapshot.slots}
     ready = sorted((s for s in snapshot.slots if s.queued > 0 and not s.busy and s.state != EVICTING), key=lambda s: rank_key(s, snapshot.now, params))
@@ -294,6 +325,7 @@ def plan(snapshot: Snapshot) -> list[Start]:
     blocked = False
     started: set[str] = set()
     held: set[str] = set()
+    wake: float | None = None
     for s in ready:
         if s.name in evicting or s.name in held:
             continue  # a victim of a better-ranked group in this same plan, or held for a blocked one
@@ -316,13 +348,17 @@ def plan(snapshot: Snapshot) -> list[Start]:
             blocked = True
             held = _held_for(snapshot, s, pool, need - free)
             continue
+        later = deferred_until(s, [slots[v] for v in victims], snapshot.now, params)
+        if later is not None:
+            wake = later if wake is None else min(wake, later)
+            continue
         for v in victims:
             free += slots[v].used - slots[v].reserved
             evicting.add(v)
         free -= need
         starts.append(Start(s.name, victims, need))
         started.add(s.name)
-    return starts
+    return starts, wake
 
 
 def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int) -> set[str]:

@@ -126,7 +126,7 @@ def test_plan_prefers_the_resident_model_and_blocks_for_the_better_ranked():
 def test_plan_starts_with_evictions_when_the_model_is_idle():
     snap = Snapshot(now=10, budget=4 * G, slots=(
         view("a", 3, state=RESIDENT, used=3 * G),
-        view("b", 3, queued=1, oldest=9),
+        view("b", 3, queued=1, oldest=7),   # waited 3 s: more than b's load and a's reload (1 s each)
     ))
     assert plan(snap) == [Start("b", ("a",), 3 * G)]
 

@@ -56,7 +56,11 @@ class _Dispatch:
             return   # every slot with work is running it already
         snap = self._snapshot_locked()
         views = {v.name: v for v in snap.slots}
-        for start in policy.plan(snap):
+        starts, wake = policy.plan_wake(snap)
+        if wake is not None and (self._replan_at is None or wake < self._replan_at):
+            self._replan_at = wake   # a start deferred until then: the housekeeper plans again
+            self._hk_wake.set()
+        for start in starts:
             slot = self._slots[start.slot]
             slot.busy = True
             for v in start.evict:

@@ -209,11 +209,25 @@ class _Residency:
                 for s in due:
                     ka = s.keep_alive if s.keep_alive is not None else self.config.keep_alive
                     self._mark_evicting_locked(s, f"idle for {ka:g} s (keep_alive)")
+                next_at, now = self._replan_due_locked(next_at, now)
             for s in due:
                 self._evict_marked(s, "idle past keep_alive")
             if not due:
                 self._hk_wake.wait(None if next_at is None else max(0.001, next_at - now))
                 self._hk_wake.clear()
+
+    def _replan_due_locked(self, next_at: float | None, now: float) -> tuple[float | None, float]:
+        """Plan again if a deferred start (policy.plan_wake) is due; return the housekeeper's
+        next wake-up time (the earlier of ``next_at`` and the next deferral) and the time now."""
+        if self._replan_at is None:
+            return next_at, now
+        now = self._clock()
+        if self._replan_at <= now:
+            self._replan_at = None
+            self._dispatch_locked()   # may defer again: sets _replan_at anew
+        if self._replan_at is not None:
+            next_at = self._replan_at if next_at is None else min(next_at, self._replan_at)
+        return next_at, now
 
     def _free_for_oom(self, slot: Slot) -> None:
         with self._cond:
