@@ -90,6 +90,7 @@ __all__ = [
     "charge",
     "choose_victims",
     "deferred_until",
+    "estimated_load_cost",
     "fits_ever",
     "free_bytes",
     "in_quantum",
@@ -165,6 +166,10 @@ class Snapshot:
     budget: int
     slots: tuple[SlotView, ...]
     params: PolicyParams = field(default_factory=PolicyParams)
+    concurrency: float | None = None   # measured real overlap of task runs (Stats.real_concurrency); None: unknown
+
+
+SERIAL_BELOW = 1.15   # measured real concurrency under which runs are taken to be serialised
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +204,12 @@ def fits_ever(size: int, slot: str, reserved: int, budget: int, others_reserved:
     return max(size, reserved) <= budget - others_reserved
 
 
+def estimated_load_cost(size: int, rate: float | None, prior: float = 1.0) -> float:
+    """Seconds a model never loaded yet is expected to take: ``size`` at the measured load rate
+    (bytes/s) of the engine's other loads, or ``prior`` before any load was measured."""
+    return prior if rate is None or rate <= 0 or size <= 0 else size / rate
+
+
 def switch_cost(s: SlotView) -> float:
     """Seconds a switch to ``s`` and away again costs: its load (or restore) plus its unload."""
     return s.load_cost + s.unload_cost
@@ -212,6 +223,11 @@ def patience(s: SlotView, params: PolicyParams) -> float:
 def next_use(queued: int, pending: int) -> float:
     """Distance to a slot's next use, for furthest-next-use eviction: 0 ready, 1 pending, inf none."""
     return 0.0 if queued else 1.0 if pending else float("inf")
+
+
+def now_minus_since(s: SlotView, now: float) -> float:
+    """How long ``s``'s current wait has lasted."""
+    return now - _since(s)
 
 
 def _since(s: SlotView) -> float:
@@ -326,6 +342,10 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
     started: set[str] = set()
     held: set[str] = set()
     wake: float | None = None
+    # Runs measured not to overlap (one GPU queueing the kernels): a second group would only
+    # wait for the GPU while holding memory, so while one runs, only urgent groups load.
+    serial = (snapshot.concurrency is not None and snapshot.concurrency < SERIAL_BELOW
+              and any(s.busy for s in snapshot.slots))
     for s in ready:
         if s.name in evicting or s.name in held:
             continue  # a victim of a better-ranked group in this same plan, or held for a blocked one
@@ -336,6 +356,8 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
             continue
         if blocked:
             # A better-ranked group waits for memory: do not take any from under it.
+            continue
+        if serial and now_minus_since(s, snapshot.now) < patience(s, params):
             continue
         if need <= free:
             free -= need
@@ -391,7 +413,7 @@ def in_quantum(s: SlotView, now: float, params: PolicyParams) -> bool:
     run_for, quantum = now - s.started, patience(s, params)
     if run_for < quantum:
         return True
-    return s.run_cost > 0 and run_for + remaining(s) <= quantum + params.switch_factor * switch_cost(s)
+    return s.run_cost > 0 and run_for + remaining(s) <= 2 * quantum
 
 
 def _aside(s: SlotView, now: float, params: PolicyParams) -> SlotView:
@@ -405,7 +427,7 @@ def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:
     seconds since its group started): then it keeps the wait it had when it started.
     """
     views = tuple(_aside(s, snapshot.now, snapshot.params) if s.name == running else s for s in snapshot.slots)
-    return Snapshot(now=snapshot.now, budget=snapshot.budget, slots=views, params=snapshot.params)
+    return replace(snapshot, slots=views)
 
 
 def should_yield(snapshot: Snapshot, running: str) -> bool:

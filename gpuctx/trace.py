@@ -131,6 +131,7 @@ class Stats:
         self._open = 0
         self._period: list[tuple[float, float, str | None]] = []
         self.run_seconds = self.busy_seconds = self.overlap_seconds = 0.0
+        self._cut = float("-inf")   # the latest end of the runs folded so far
         self._solo: dict[str | None, list] = {}   # model -> [seconds, runs] of runs with nothing else running
         self._runs: dict[str | None, int] = {}    # model -> runs counted in busy_seconds
         self._apparent: dict[str | None, float] = {}   # model -> their seconds, as they looked
@@ -138,7 +139,7 @@ class Stats:
     def _run_ended(self, started: float, ended: float, model: str | None = None) -> None:
         self._open -= 1
         self._period.append((started, ended, model))
-        if self._open <= 0 or len(self._period) >= 4096:   # the bound: a period that never ends is cut
+        if self._open <= 0 or len(self._period) >= 64:   # a long busy period is folded in pieces
             self._fold()
 
     def _fold(self) -> None:
@@ -147,8 +148,12 @@ class Stats:
         self._open = max(self._open, 0)
         if not runs:
             return
-        edges = sorted([(a, 1) for a, _, _ in runs] + [(b, -1) for _, b, _ in runs])
-        depth, last = 0, edges[0][0]
+        # Time before the last fold's latest end was counted by that fold (a run still going
+        # then, and not covered by it, loses that part: the cost of folding in pieces).
+        cut = self._cut
+        edges = sorted([(max(a, cut), 1) for a, b, _ in runs if b > cut] + [(b, -1) for a, b, _ in runs if b > cut])
+        self._cut = max(cut, max(b for _, b, _ in runs))
+        depth, last = 0, edges[0][0] if edges else 0.0
         for t, step in edges:
             if depth >= 1:
                 self.busy_seconds += t - last
@@ -179,11 +184,23 @@ class Stats:
         really overlapped. 1.0 until something ran."""
         self._fold_if_idle()
         busy = self.busy_seconds
-        alone = sum(n * (self._solo[m][0] / self._solo[m][1] if m in self._solo else self._apparent[m] / n)
-                    for m, n in self._runs.items())   # a model never seen alone: its apparent runs (an upper bound)
+        real = self.real_concurrency()
+        effective = real if real is not None else (self.run_seconds / busy if busy > 0 else 1.0)
         return {"run_seconds": self.run_seconds, "busy_seconds": busy, "overlap_seconds": self.overlap_seconds,
                 "concurrency": self.run_seconds / busy if busy > 0 else 1.0,
-                "effective_concurrency": alone / busy if busy > 0 else 1.0}
+                "effective_concurrency": effective}
+
+    def real_concurrency(self) -> float | None:
+        """``effective_concurrency`` once runs have looked concurrent (``concurrency`` >= 1.2), else
+        None (nothing to tell yet); cheap: from the totals folded so far (no sweep)."""
+        busy = self.busy_seconds
+        if busy <= 0 or self.run_seconds < 1.2 * busy:
+            return None
+        share = sum(self._apparent[m] for m in self._runs if m in self._solo)
+        if share <= 0:
+            return None
+        alone = sum(n * self._solo[m][0] / self._solo[m][1] for m, n in self._runs.items() if m in self._solo)
+        return alone * self.run_seconds / share / busy
 
     def _fold_if_idle(self) -> None:
         if self._open <= 0 and self._period:

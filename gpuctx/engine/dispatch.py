@@ -38,13 +38,15 @@ class _Dispatch:
                 name=s.name, size=s.size, state=s.state, used=self._ledger.used.get(s.name, 0),
                 reserved=self._ledger.reserved.get(s.name, 0), claim=self._ledger.claims.get(s.name, 0),
                 busy=s.busy, pinned=s.pin, priority=s.priority, qos=s.qos, last_used=s.last_used,
-                load_cost=s.load_cost, queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
+                load_cost=s.load_cost if s.loads else policy.estimated_load_cost(s.size, self._load_rate),
+                queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
                 run_cost=s.run_cost,
             ))
-        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
+        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params(),
+                               concurrency=self.trace.stats.real_concurrency())
 
     def _dispatch_locked(self) -> None:
         if self._closed and (self._stopped or not self._live):

@@ -63,6 +63,9 @@ class _Residency:
             slot_to(slot, policy.RESIDENT)
             slot.loads += 1
             slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
+            if not was_offloaded and dt > 0 and size > 0:
+                rate = size / dt
+                self._load_rate = rate if self._load_rate is None else 0.5 * self._load_rate + 0.5 * rate
             if measured is not None or slot.size_source == "auto":
                 warn, victims = self._apply_measured_locked(slot, measured)
             kind = "restore" if was_offloaded else "load_end"
