@@ -13,6 +13,9 @@ for every system: the GPU runs one call at a time.
 
 One gpuctx configuration for every workload: its defaults, with ``max_wait`` (30 s) and
 ``aging`` (10 s) multiplied by the same scale as every other time.
+"gpuctx (prefetch)" is the same with ``prefetch=True``, to show what prefetching does.
+The last column is gpuctx's measured overlap of task runs (``stats()["overlap"]``: run seconds
+summed over busy seconds; 1.00 when no two runs ever overlapped).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from baselines import GB, Run, baselines, run_body  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
 
-def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0) -> dict:
+def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0, prefetch: bool = False) -> dict:
     gpuctx.reset()
     gpuctx.configure(device="cpu", budget=int(budget_gb * GB), safety_factor=1.0,
-                     max_wait=30.0 * scale, aging=10.0 * scale)
+                     max_wait=30.0 * scale, aging=10.0 * scale, prefetch=prefetch)
     for m in wl.models:
         gpuctx.model(m.name, vram=int(m.gb * GB))(lambda s=m.load_s * scale: time.sleep(s) or object())
     start: dict = {}
@@ -139,7 +142,7 @@ def main() -> None:
     a = ap.parse_args()
     repeat = a.repeat or (1 if a.quick else 5)
     wls = [w for w in all_workloads(a.quick) if not a.only or any(k in w.title for k in a.only.split(","))]
-    systems = ["gpuctx"] + [p.name for p in baselines()]
+    systems = ["gpuctx", "gpuctx (prefetch)"] + [p.name for p in baselines()]
     print(f"# Scheduling under a budget (live) — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {datetime.date.today()}")
     print(f"\nscale {a.scale:g} s per workload second, {repeat} repeat(s); times below in workload seconds; "
@@ -157,8 +160,9 @@ def main() -> None:
                     rows = []
                     for _ in range(repeat):
                         lock = threading.Lock() if mode == "serial" else None
-                        if name == "gpuctx":
-                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout))
+                        if name.startswith("gpuctx"):
+                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout,
+                                                   prefetch=name == "gpuctx (prefetch)"))
                         else:
                             pol = next(p for p in baselines() if p.name == name)
                             rows.append(run_baseline(pol, wl, gb, scale=a.scale, body_lock=lock))

@@ -52,7 +52,7 @@ def summarize(tables: list[dict]) -> tuple[list[str], dict]:
     fmt = lambda s, f=".0f": "–" if s is None else (format(s[0], f) if s[0] == s[1] else f"{s[0]:{f}}–{s[1]:{f}}")  # noqa: E731
     for t in tables:
         g = t["rows"]["gpuctx"]
-        ok = {n: r for n, r in t["rows"].items() if n != "gpuctx" and r["failed"][1] == 0 and r["unfinished"][1] == 0}
+        ok = {n: r for n, r in t["rows"].items() if not n.startswith("gpuctx") and r["failed"][1] == 0 and r["unfinished"][1] == 0}
         bl = min(ok, key=lambda n: ok[n]["loads"][0])
         bm = min(ok, key=lambda n: ok[n]["makespan"][0])
         fifo = [ok[n]["interactive p95"] for n in FIFO if n in ok and ok[n]["interactive p95"] is not None]

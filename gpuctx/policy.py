@@ -99,6 +99,7 @@ __all__ = [
     "plan",
     "rank_key",
     "plan_wake",
+    "prefetch",
     "remaining",
     "should_yield",
     "stepped_aside",
@@ -381,6 +382,33 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
         starts.append(Start(s.name, victims, need))
         started.add(s.name)
     return starts, wake
+
+
+def prefetch(snapshot: Snapshot, starts: Sequence[Start]) -> Start | None:
+    """A model to load now, ahead of its work, while others compute; None when there is none.
+
+    Only a model whose work is all *pending* (waiting on dependencies: it will be ready once
+    running tasks end), absent or offloaded, and only into memory that is free after
+    ``starts`` (the plan just made) without evicting anything, and only when that plan left no
+    ready group waiting (blocked for memory or deferred): those come first. Only when it is the
+    one model not resident that has work coming: with two, which is needed first is a guess,
+    and the wrong one can be evicted before its first use (a load for nothing). Its restore
+    (or load) then overlaps the running groups' compute, so its first task need not wait for it.
+    """
+    started = {st.slot for st in starts}
+    if any(s.queued and not s.busy and s.state != EVICTING and s.name not in started for s in snapshot.slots):
+        return None   # a ready group is waiting: the free memory is its
+    free = free_bytes(snapshot) - sum(st.need for st in starts)
+    candidates = [s for s in snapshot.slots
+                  if s.state in (ABSENT, OFFLOADED) and not s.busy and not s.label and s.queued == 0
+                  and s.pending > 0 and s.name not in started and 0 < need_bytes(s) <= free]
+    if len(candidates) != 1:
+        return None   # none, or several models that will want memory: which comes first is a guess
+    best = candidates[0]
+    if any(s.name != best.name and not s.busy and not s.resident and not s.label and (s.pending or s.queued)
+           for s in snapshot.slots):
+        return None   # another model will want memory too: the prefetch could be evicted unused
+    return Start(best.name, (), need_bytes(best))
 
 
 def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int) -> set[str]:

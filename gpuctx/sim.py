@@ -62,6 +62,8 @@ class SimResult:
     makespan: float = 0.0
     peak: int = 0
     sequence: list[tuple[str, str]] = field(default_factory=list)   # (kind, model) of loads and unloads, in order
+    overlap: dict[str, float] = field(default_factory=dict)         # stats()["overlap"]: how much runs overlapped
+    prefetches: int = 0
     waits: dict[int, float] = field(default_factory=dict)
     start: dict[int, float] = field(default_factory=dict)
     end: dict[int, float] = field(default_factory=dict)
@@ -116,13 +118,13 @@ def _serial_pause(pause: Any, gpu: Any, seconds: float) -> None:
 
 
 def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *,
-             params: policy.PolicyParams | None = None, serial: bool = False) -> SimResult:
+             params: policy.PolicyParams | None = None, serial: bool = False, prefetch: bool = False) -> SimResult:
     """Run ``tasks`` through the engine on a virtual clock under ``budget`` bytes."""
-    return run(models, tasks, budget, params=params, serial=serial)
+    return run(models, tasks, budget, params=params, serial=serial, prefetch=prefetch)
 
 
 def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: Any = None, scale: float = 1.0,
-        params: policy.PolicyParams | None = None, serial: bool = False) -> SimResult:
+        params: policy.PolicyParams | None = None, serial: bool = False, prefetch: bool = False) -> SimResult:
     """Run a workload through the engine, on ``driver`` (a new virtual one by default).
 
     With a :class:`~gpuctx.engine.ThreadedDriver`, every declared time is slept for real, times
@@ -130,7 +132,8 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     the whole of what arrives at time 0 is submitted, so that a live run does not start planning
     before the workload is in (the virtual driver gets there by construction). ``serial`` runs
     the task bodies one at a time, in arrival order at one lock (one GPU that runs one call at
-    a time; loads still overlap), like ``bench/scheduling.py``'s serial mode.
+    a time; loads still overlap), like ``bench/scheduling.py``'s serial mode; ``prefetch`` is
+    the engine's setting of that name.
     """
     for m in models:
         if m.size > budget:
@@ -145,7 +148,8 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
         gpu.put("gpu")
         body_pause = functools.partial(_serial_pause, pause, gpu)
     config = Config(budget=budget, safety_factor=1.0, device="cpu", max_wait=params.max_wait * scale,
-                    aging=params.aging * scale, latency_priority=params.latency_priority, offload=False)
+                    aging=params.aging * scale, latency_priority=params.latency_priority, offload=False,
+                    prefetch=prefetch)
     sched = Scheduler(config, device=_TimedDevice(budget, {m.name: m.unload_s for m in models}, pause), driver=driver)
     gate = driver.event()
     try:
@@ -216,6 +220,8 @@ def _result(sched: Scheduler, handles: dict[int, Any], t0: float, scale: float) 
     r.switches = stats["model_switches"]
     r.peak = stats["peak_vram"]
     r.makespan = max(r.end.values(), default=0.0)
+    r.overlap = dict(stats["overlap"])
+    r.prefetches = sum(1 for e in sched.trace.events if e.kind == "prefetch")
     return r
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import policy
 from ..models import Slot
-from .group import _GROUP, _worker_main
+from .group import _GROUP, _PREFETCH, _worker_main
 
 
 class _Dispatch:
@@ -51,11 +51,12 @@ class _Dispatch:
     def _dispatch_locked(self) -> None:
         if self._closed and (self._stopped or not self._live):
             return
+        prefetch = self.config.prefetch
         for s in self._slots.values():
-            if s.queued and not s.busy:
+            if not s.busy and (s.queued or (prefetch and s.pending and s.state in (policy.ABSENT, policy.OFFLOADED))):
                 break
         else:
-            return   # every slot with work is running it already
+            return   # every slot with work is running it already (or has it loading)
         snap = self._snapshot_locked()
         views = {v.name: v for v in snap.slots}
         starts, wake = policy.plan_wake(snap)
@@ -71,6 +72,11 @@ class _Dispatch:
             if start.need:
                 self._ledger.claims[start.slot] = start.need
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
+        ahead = policy.prefetch(snap, starts) if self.config.prefetch else None
+        if ahead is not None:   # load a model whose work waits on running tasks, while they run
+            self._slots[ahead.slot].busy = True
+            self._ledger.claims[ahead.slot] = ahead.need
+            self._worker(ahead.slot).put((_PREFETCH, (), ahead.need))
         self._cond.notify_all()
 
     def _worker(self, name: str) -> Any:

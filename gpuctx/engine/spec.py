@@ -32,6 +32,7 @@ class Config:
     trace_capacity: int = 100_000
     cpu_workers: int = 2
     progress: bool = False
+    prefetch: bool = False
 
     @classmethod
     def build(cls, base: "Config | None" = None, **changes: Any) -> "Config":
@@ -61,7 +62,7 @@ class Config:
                 v = c[key]
                 if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
                     raise ConfigError(f"{key}={v!r}: expected an int" + (f" >= {low}" if low is not None else ""))
-        for key in ("offload", "progress"):
+        for key in ("offload", "progress", "prefetch"):
             if key in c and not isinstance(c[key], bool):
                 raise ConfigError(f"{key}={c[key]!r}: expected True or False")
         if "device" in c:
