@@ -769,7 +769,10 @@ def wait_event(ctx: Any, event: Any) -> None:
 # --------------------------------------------------------------------------- observing
 def stats() -> Any:
     """Loads, unloads, offloads, evictions, switches, per-model task counts, wait/run percentiles
-    (of the tasks that have ended; a task's wait and run times are counted when it ends)."""
+    (of the tasks that have ended; a task's wait and run times are counted when it ends), and
+    ``"overlap"``: how much task runs overlapped, measured (run, busy and overlap seconds,
+    ``concurrency`` = run / busy, and ``effective_concurrency``, about 1.0 when runs that looked
+    concurrent were serialised underneath; see docs/concepts.md)."""
     return scheduler().trace.stats.as_dict()
 
 

@@ -49,15 +49,33 @@ Consequences:
   running group was switched in as urgent and is within its quantum;
 - an equal-class waiting group pre-empts only once it is urgent, so a running model keeps
   its backlog until the others have waited ``k`` switch costs (never a switch per task);
-- several urgent groups take turns, each keeping the GPU for its quantum.
+- several urgent groups take turns, each keeping the GPU for its quantum;
+- past its quantum, a group keeps its wait for its *tail* (:func:`in_quantum`): while its
+  remaining work (queued tasks x its measured run time, ``run_cost``) ends within ``2 P(self)``
+  of its start. Stopping a group with a short remainder costs a switch back to it later.
+
+**Rent or buy** (:func:`deferred_until`). A start that must evict idle models waits until its
+ready tasks have waited, together, as long as the switches it causes (its own load plus each
+victim's reload and unload); meanwhile more of its work joins the group. Not for an urgent
+group, nor for a strictly higher class than every victim's queued work, nor when nothing is
+evicted. :func:`plan_wake` says when such a start falls due, so the engine plans again then.
+
+**One GPU.** ``Snapshot.concurrency`` is the measured real overlap of task runs
+(:meth:`gpuctx.trace.Stats.real_concurrency`). Below ``SERIAL_BELOW`` runs are taken to be
+serialised underneath: while a group runs, no other group that needs new memory is started
+unless it is urgent (it would hold memory while it waits for the GPU).
+
+**Prefetch** (:func:`prefetch`, when the engine's ``prefetch`` setting is on): the one model not
+loaded with work waiting on dependencies is loaded into free memory while others compute.
 
 **Starvation bound.** A ready group W that cannot start for memory is started no later than
 
-    P(W) + sum over the other groups j of (P(j) + switch_cost(j) + tau)
+    P(W) + D(W) + sum over the other groups j of (2 P(j) + switch_cost(j) + tau)
 
-after its wait began, where ``tau`` is the longest single task (or batch) run: it turns
-urgent after ``P(W)``, and each urgent group ranked ahead of it holds the GPU for at most
-its quantum plus one task and a switch. Inside one model's queue, tasks go by priority,
+after its wait began, where ``tau`` is the longest single task (or batch) run and ``D(W)`` its
+rent-or-buy wait (at most the switch costs its start causes): it turns urgent after ``P(W)``,
+and each urgent group ranked ahead of it holds the GPU for at most its quantum and its tail
+(``2 P(j)``) plus one task and a switch. Inside one model's queue, tasks go by priority,
 but a task that has waited ``max_wait`` is served before any younger task (the engine's
 :class:`~gpuctx.models.Slot` promotes it), so no task waits forever behind a stream of
 higher-priority tasks of its own model.
@@ -226,8 +244,7 @@ def next_use(queued: int, pending: int) -> float:
     return 0.0 if queued else 1.0 if pending else float("inf")
 
 
-def now_minus_since(s: SlotView, now: float) -> float:
-    """How long ``s``'s current wait has lasted."""
+def _waited(s: SlotView, now: float) -> float:
     return now - _since(s)
 
 
@@ -318,7 +335,7 @@ def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params:
     higher class than every victim's queued work (a pre-emption is not delayed), nor when no
     victim is needed. At most that sum of switch costs per start: the starvation bound holds.
     """
-    if not victims or now - _since(s) >= patience(s, params):
+    if not victims or _waited(s, now) >= patience(s, params):
         return None
     with_work = [v for v in victims if v.queued]
     if with_work and all((s.qos, s.head_priority) > (v.qos, v.head_priority) for v in with_work):
@@ -358,7 +375,7 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
         if blocked:
             # A better-ranked group waits for memory: do not take any from under it.
             continue
-        if serial and now_minus_since(s, snapshot.now) < patience(s, params):
+        if serial and _waited(s, snapshot.now) < patience(s, params):
             continue
         if need <= free:
             free -= need
