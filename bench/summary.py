@@ -46,7 +46,7 @@ def parse(text: str) -> list[dict]:
 
 def summarize(tables: list[dict]) -> tuple[list[str], dict]:
     lines = ["| workload | budget | mode | bound | gpuctx loads | best baseline loads | gpuctx makespan | "
-             "best baseline makespan | interactive p95 gpuctx / best FIFO | max wait gpuctx | overlap | targets met |",
+             "best baseline makespan | interactive p95 gpuctx / best FIFO | max wait gpuctx | real overlap | targets met |",
              "|---|---|---|---:|---:|---|---:|---|---|---:|---:|---|"]
     met = dict(loads=0, bound=0, makespan=0, ip95=0, violations=0, variance=0, rows=len(tables))
     fmt = lambda s, f=".0f": "–" if s is None else (format(s[0], f) if s[0] == s[1] else f"{s[0]:{f}}–{s[1]:{f}}")  # noqa: E731
@@ -72,7 +72,7 @@ def summarize(tables: list[dict]) -> tuple[list[str], dict]:
         ip = "– / –" if best_fifo is None else f"{fmt(g['interactive p95'])} / {fmt(best_fifo)}"
         lines.append(f"| {t['title'][:40]} | {t['budget']} | {t['mode']} | {t['bound']} | {fmt(g['loads'])} | "
                      f"{fmt(ok[bl]['loads'])} ({bl}) | {fmt(g['makespan'])} | {fmt(ok[bm]['makespan'])} ({bm}) | {ip} | "
-                     f"{fmt(g['max_wait'])} | {fmt(g.get('overlap (run s / busy s)'), '.2f')} | "
+                     f"{fmt(g['max_wait'])} | {fmt(g.get('real overlap'), '.2f')} | "
                      f"{'all' if not missed else 'not: ' + ', '.join(missed)} |")
     return lines, met
 

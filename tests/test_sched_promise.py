@@ -101,7 +101,7 @@ def test_an_evicting_start_waits_until_its_work_has_waited_the_switches_it_costs
     snap = _evicting(11.0, 10.0)
     assert plan(snap) == [] and policy.plan_wake(snap)[1] == 13.5
     assert plan(_evicting(13.5, 10.0)) == [Start("b", ("a",), 3 * G)]
-    assert policy.plan_wake(_evicting(10.2, 10.0, queued=7))[1] == 10.5   # seven tasks wait 7x as fast
+    assert policy.plan_wake(_evicting(11.0, 10.0, queued=7))[1] == 13.5   # the group's wait, however many
     # Never for an urgent group (patience 30 s), nor for a strictly higher class than the victim's work.
     assert plan(_evicting(40.1, 10.0)) == [Start("b", ("a",), 3 * G)]
     hi = Snapshot(now=11.0, budget=4 * G, slots=(
@@ -124,14 +124,19 @@ def test_a_deferred_start_is_made_by_the_engine_itself_when_nothing_else_happens
     assert r.sequence == [("load", "a"), ("unload", "a"), ("load", "b")]
 
 
-def test_rent_or_buy_batches_calls_that_arrive_while_the_start_waits():
-    # b's calls trickle in every 0.5 s while a (idle, resident) holds the memory: without the wait
-    # each round of b would evict a; with it, b's first load serves the calls that gathered.
+def test_rent_or_buy_keeps_two_interleaved_models_from_evicting_each_other_per_call():
+    # a is resident and idle; calls alternate b (at 2.5, 3.5, ...) and a (at 3, 4, ...), the two
+    # never fit together, a load takes 2 s. Evicting a for b's first call at once, as before, then
+    # a's next call evicts b: 4 loads. Waiting the switches b's start costs (2 + 2 s), a serves its
+    # calls meanwhile and b then serves all of its own: 2 loads, the lower bound, and sooner.
     models = [SimModel("a", 3 * G, 2.0), SimModel("b", 3 * G, 2.0)]
-    tasks = [SimTask(0, "a", 0.0, 0.1)] + [SimTask(1 + k, "b", 2.5 + 0.5 * k, 0.1) for k in range(6)]
-    tasks += [SimTask(7, "a", 12.0, 0.1)]
+    tasks = [SimTask(0, "a", 0.0, 0.1)]
+    for k in range(4):
+        tasks.append(SimTask(len(tasks), "b", 2.5 + 1.0 * k, 0.1))
+        tasks.append(SimTask(len(tasks), "a", 3.0 + 1.0 * k, 0.1))
     r = simulate(models, tasks, 4 * G)
-    assert r.loads == 3    # a, b (once, for all six), a
+    assert r.sequence == [("load", "a"), ("unload", "a"), ("load", "b")]
+    assert abs(r.start[1] - (2.5 + 4.0 + 2.0)) < 1e-6 and r.makespan < 9.0
 
 
 # -- measured overlap, and the serial GPU --------------------------------------------------------
@@ -232,3 +237,31 @@ def test_prefetch_takes_the_next_models_load_off_the_critical_path():
     assert (with_pf.makespan, without.makespan) == (4.0, 7.0)
     assert with_pf.prefetches == 1 and without.prefetches == 0
     assert with_pf.loads == without.loads == 2 and with_pf.peak <= 6 * G
+
+
+# -- robustness to timing noise ------------------------------------------------------------------
+
+def _chat(seed: int, jitter: float):
+    """The benchmark's chat trace (40 Poisson arrivals, mean gap 3 s: ASR 1 s -> LLM 1.5 s -> TTS
+    0.8 s), every load, run and arrival stretched by a random factor up to ``1 + jitter`` (sleeps
+    on a busy machine overshoot, never undershoot)."""
+    import random
+
+    arrivals, rng = random.Random(1), random.Random(seed)
+    stretch = lambda x, j=jitter: x * rng.uniform(1.0, 1.0 + j)  # noqa: E731
+    models = [SimModel("asr", int(4.5 * G), stretch(4.5)), SimModel("llm", int(1.5 * G), stretch(1.5)),
+              SimModel("tts", 2 * G, stretch(2.0))]
+    tasks, t = [], 0.0
+    for _ in range(40):
+        t += arrivals.expovariate(1 / 3.0)
+        a, at = len(tasks), stretch(t, jitter / 5)
+        tasks += [SimTask(a, "asr", at, stretch(1.0)), SimTask(a + 1, "llm", at, stretch(1.5), deps=(a,)),
+                  SimTask(a + 2, "tts", at, stretch(0.8), deps=(a + 1,))]
+    return models, tasks
+
+
+def test_loads_on_the_chat_trace_hardly_move_when_every_time_is_off_by_up_to_30_percent():
+    # The live benchmark's repeats differ by such timing noise. Rent or buy on the group's wait
+    # (not on queued x wait, which moved the start with every arrival) keeps the loads steady.
+    loads = [simulate(*_chat(seed, 0.3), 5 * G).loads for seed in range(8)]
+    assert max(loads) <= 1.1 * min(loads), loads
