@@ -14,8 +14,10 @@ live re-implementations in ``bench/baselines.py``, not simulations.
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +110,31 @@ def _body(pause: Any, seconds: float, *deps: Any) -> None:
     pause(seconds)
 
 
-def _serial_pause(pause: Any, gpu: Any, seconds: float) -> None:
-    """``pause`` holding the one GPU: ``gpu`` is an inbox with one token (a FIFO mutex on either driver)."""
-    token = gpu.get()
-    try:
-        pause(seconds)
-    finally:
-        gpu.put(token)
+class _OneGpu:
+    """A fair mutex on either driver: the GPU goes to the callers in the order they asked, as
+    kernels from several streams share one GPU (a releasing caller cannot take it straight back)."""
+
+    def __init__(self, driver: Any) -> None:
+        self._driver, self._lock = driver, threading.Lock()   # the lock guards two fields, never blocks long
+        self._busy, self._waiting = False, collections.deque()
+
+    def run(self, pause: Any, seconds: float) -> None:
+        with self._lock:
+            turn = None
+            if self._busy:
+                turn = self._driver.event()
+                self._waiting.append(turn)
+            self._busy = True
+        if turn is not None:
+            turn.wait()   # handed over by the previous holder
+        try:
+            pause(seconds)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting.popleft().set()
+                else:
+                    self._busy = False
 
 
 def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *,
@@ -131,8 +151,8 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     ``scale``; the result is given in the workload's seconds either way. Every load waits until
     the whole of what arrives at time 0 is submitted, so that a live run does not start planning
     before the workload is in (the virtual driver gets there by construction). ``serial`` runs
-    the task bodies one at a time, in arrival order at one lock (one GPU that runs one call at
-    a time; loads still overlap), like ``bench/scheduling.py``'s serial mode; ``prefetch`` is
+    the task bodies one at a time, in the order they asked for the GPU (one GPU that runs one
+    call at a time; loads still overlap), like ``bench/scheduling.py``'s serial mode; ``prefetch`` is
     the engine's setting of that name.
     """
     for m in models:
@@ -144,9 +164,7 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     pause = functools.partial(_scaled_sleep, driver.sleep, scale)
     body_pause = pause
     if serial:
-        gpu = driver.inbox()
-        gpu.put("gpu")
-        body_pause = functools.partial(_serial_pause, pause, gpu)
+        body_pause = functools.partial(_OneGpu(driver).run, pause)
     config = Config(budget=budget, safety_factor=1.0, device="cpu", max_wait=params.max_wait * scale,
                     aging=params.aging * scale, latency_priority=params.latency_priority, offload=False,
                     prefetch=prefetch)
