@@ -48,7 +48,7 @@ def summarize(tables: list[dict]) -> tuple[list[str], dict]:
     lines = ["| workload | budget | mode | bound | gpuctx loads | best baseline loads | gpuctx makespan | "
              "best baseline makespan | interactive p95 gpuctx / best FIFO | max wait gpuctx | real overlap | targets met |",
              "|---|---|---|---:|---:|---|---:|---|---|---:|---:|---|"]
-    met = dict(loads=0, bound=0, makespan=0, ip95=0, violations=0, variance=0, rows=len(tables))
+    met = dict(loads=0, bound=0, makespan=0, makespan_best=0, ip95=0, violations=0, variance=0, rows=len(tables))
     fmt = lambda s, f=".0f": "–" if s is None else (format(s[0], f) if s[0] == s[1] else f"{s[0]:{f}}–{s[1]:{f}}")  # noqa: E731
     for t in tables:
         g = t["rows"]["gpuctx"]
@@ -57,18 +57,19 @@ def summarize(tables: list[dict]) -> tuple[list[str], dict]:
         bm = min(ok, key=lambda n: ok[n]["makespan"][0])
         fifo = [ok[n]["interactive p95"] for n in FIFO if n in ok and ok[n]["interactive p95"] is not None]
         best_fifo = min(fifo, key=lambda s: s[0]) if fifo else None
-        reached = any(r["loads"][0] <= t["bound"] for r in t["rows"].values())
+        reached = any(r["loads"][0] <= t["bound"] for r in list(ok.values()) + [g])   # by a system that finished
         checks = {
             "loads": g["loads"][1] <= ok[bl]["loads"][0],
             "bound": not reached or g["loads"][1] <= 1.25 * t["bound"],
             "makespan": g["makespan"][1] <= ok[bm]["makespan"][0],
+            "makespan_best": g["makespan"][0] <= ok[bm]["makespan"][0],
             "ip95": best_fifo is None or g["interactive p95"][1] <= best_fifo[0],
             "violations": g["violations"][1] == 0,
             "variance": g["loads"][1] <= 1.10 * g["loads"][0],
         }
         for k, v in checks.items():
             met[k] += v
-        missed = [k for k, v in checks.items() if not v]
+        missed = [k for k, v in checks.items() if not v and k != "makespan_best"]
         ip = "– / –" if best_fifo is None else f"{fmt(g['interactive p95'])} / {fmt(best_fifo)}"
         lines.append(f"| {t['title'][:40]} | {t['budget']} | {t['mode']} | {t['bound']} | {fmt(g['loads'])} | "
                      f"{fmt(ok[bl]['loads'])} ({bl}) | {fmt(g['makespan'])} | {fmt(ok[bm]['makespan'])} ({bm}) | {ip} | "
@@ -82,7 +83,8 @@ def main() -> None:
     lines, met = summarize(tables)
     print("\n".join(lines))
     n = met.pop("rows")
-    print("\nrows meeting each target (gpuctx's worst repeat against the best baseline's best): "
+    print("\nrows meeting each target (gpuctx's worst repeat against the best baseline's best; "
+          "makespan_best: gpuctx's best repeat against it): "
           + ", ".join(f"{k} {v}/{n}" for k, v in met.items()))
 
 
