@@ -265,3 +265,24 @@ def test_loads_on_the_chat_trace_hardly_move_when_every_time_is_off_by_up_to_30_
     # (not on queued x wait, which moved the start with every arrival) keeps the loads steady.
     loads = [simulate(*_chat(seed, 0.3), 5 * G).loads for seed in range(8)]
     assert max(loads) <= 1.1 * min(loads), loads
+
+
+def test_shutdown_waits_for_a_deferred_start_and_returns():
+    # Live engine, real threads: b's call must evict the idle a, so its start is deferred by the
+    # switches it costs (~0.1 s); shutdown(wait=True) right after must still see it run and return
+    # (the housekeeper that plans deferred starts must not stop at the shutdown before they ran).
+    import threading
+    import time
+
+    from gpuctx.engine import Config, Scheduler, TaskSpec
+
+    sched = Scheduler(Config(budget=4 * G, safety_factor=1.0, device="cpu", offload=False))
+    for name in "ab":
+        sched.register_model(name, lambda n=name: time.sleep(0.05) or n, vram=3 * G)
+    call = {n: TaskSpec(fn=lambda: None, name=n, model=n) for n in "ab"}
+    sched.submit(call["a"], (), {}).result(timeout=10)
+    late = sched.submit(call["b"], (), {})
+    done = threading.Thread(target=sched.shutdown, kwargs={"wait": True}, daemon=True)
+    done.start()
+    done.join(timeout=10)
+    assert not done.is_alive() and late.done() and late.exception() is None

@@ -197,12 +197,16 @@ class _Residency:
         return [s.name for s in targets]
 
     def _housekeep(self) -> None:
-        """Unload models idle for longer than their keep_alive (woken at group ends and config changes)."""
+        """Unload models idle for longer than their keep_alive (woken at group ends and config changes),
+        and make the starts the policy deferred when they fall due (after a shutdown too, until
+        the last of them ran: nothing else may come to plan them)."""
         while True:
             with self._cond:
                 if self._closed:
-                    return
-                if self.config.keep_alive is None and all(s.keep_alive is None for s in self._slots.values()):
+                    if self._replan_at is None or not self._live:
+                        return
+                    names, next_at, now = (), None, 0.0   # closing: only the deferred starts
+                elif self.config.keep_alive is None and all(s.keep_alive is None for s in self._slots.values()):
                     names, next_at, now = (), None, 0.0   # nothing can expire: no snapshot per group end
                 else:
                     snap = self._snapshot_locked()
