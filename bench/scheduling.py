@@ -13,6 +13,10 @@ for every system: the GPU runs one call at a time.
 
 One gpuctx configuration for every workload: its defaults, with ``max_wait`` (30 s) and
 ``aging`` (10 s) multiplied by the same scale as every other time.
+"gpuctx (prefetch)" is the same with ``prefetch=True``, to show what prefetching does.
+The last column is gpuctx's measured real overlap of task runs
+(``stats()["overlap"]["effective_concurrency"]``: each model's run time alone x its runs, over the
+busy time; about 1.00 when runs never overlapped or were serialised underneath).
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ from baselines import GB, Run, baselines, run_body  # noqa: E402
 from workloads import all_workloads  # noqa: E402
 
 
-def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0) -> dict:
+def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float = 20.0, prefetch: bool = False) -> dict:
     gpuctx.reset()
     gpuctx.configure(device="cpu", budget=int(budget_gb * GB), safety_factor=1.0,
-                     max_wait=30.0 * scale, aging=10.0 * scale)
+                     max_wait=30.0 * scale, aging=10.0 * scale, prefetch=prefetch)
     for m in wl.models:
         gpuctx.model(m.name, vram=int(m.gb * GB))(lambda s=m.load_s * scale: time.sleep(s) or object())
     start: dict = {}
@@ -70,7 +74,8 @@ def run_gpuctx(wl, budget_gb: float, *, scale: float, body_lock, timeout: float 
     budget = int(budget_gb * GB)
     loads = sum(m["loads"] + m["restores"] for m in st["models"].values())
     out = dict(loads=loads, failed=len(failed), peak=st["peak_vram"], unfinished=len(pending),
-               violations=sum(1 for e in events if e.vram is not None and e.vram > budget))
+               violations=sum(1 for e in events if e.vram is not None and e.vram > budget),
+               overlap=st["overlap"]["effective_concurrency"])
     return {**out, **latency(wl, t0, scale, start, end)}
 
 
@@ -81,7 +86,7 @@ def run_baseline(policy, wl, budget_gb: float, *, scale: float, body_lock) -> di
         for s in r.slots.values():
             s.closed = True
         r.cv.notify_all()
-    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0,
+    return dict(loads=r.loads, failed=len(r.failed), peak=r.peak, violations=r.violations, unfinished=0, overlap=None,
                 **latency(wl, r.t0, scale, r.start, r.end))
 
 
@@ -119,7 +124,10 @@ def rng(vals: list, fmt: str) -> str:
 
 
 COLS = [("loads", "d"), ("makespan", ".0f"), ("p50", ".0f"), ("p95", ".0f"), ("ip95", ".0f"), ("max_wait", ".0f"),
-        ("violations", "d"), ("failed", "d"), ("unfinished", "d")]
+        ("violations", "d"), ("failed", "d"), ("unfinished", "d"), ("overlap", ".2f")]
+
+
+HEAD = {"ip95": "interactive p95", "overlap": "real overlap"}
 
 
 def main() -> None:
@@ -135,7 +143,7 @@ def main() -> None:
     a = ap.parse_args()
     repeat = a.repeat or (1 if a.quick else 5)
     wls = [w for w in all_workloads(a.quick) if not a.only or any(k in w.title for k in a.only.split(","))]
-    systems = ["gpuctx"] + [p.name for p in baselines()]
+    systems = ["gpuctx", "gpuctx (prefetch)"] + [p.name for p in baselines()]
     print(f"# Scheduling under a budget (live) — {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {datetime.date.today()}")
     print(f"\nscale {a.scale:g} s per workload second, {repeat} repeat(s); times below in workload seconds; "
@@ -147,14 +155,15 @@ def main() -> None:
             for mode in a.modes.split(","):
                 print(f"\n### {wl.title} — {budget} budget {gb:g} GB, {mode}; lower bound {wl.lower_bound_loads()} "
                       "loads\n")
-                print("| system | " + " | ".join(c if c != "ip95" else "interactive p95" for c, _ in COLS) + " |")
+                print("| system | " + " | ".join(HEAD.get(c, c) for c, _ in COLS) + " |")
                 print("|---|" + "---:|" * len(COLS))
                 for name in systems:
                     rows = []
                     for _ in range(repeat):
                         lock = threading.Lock() if mode == "serial" else None
-                        if name == "gpuctx":
-                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout))
+                        if name.startswith("gpuctx"):
+                            rows.append(run_gpuctx(wl, gb, scale=a.scale, body_lock=lock, timeout=a.timeout,
+                                                   prefetch=name == "gpuctx (prefetch)"))
                         else:
                             pol = next(p for p in baselines() if p.name == name)
                             rows.append(run_baseline(pol, wl, gb, scale=a.scale, body_lock=lock))

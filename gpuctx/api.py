@@ -78,6 +78,7 @@ def configure(**settings: Any) -> Config:
     | `oom_retries` | `1` | How many times a task that runs out of device memory is retried after evicting idle models and emptying the caches (an int >= 0); a task's own `oom_retries` comes first. |
     | `offload` | `True` | On eviction, move a model's weights to pinned host RAM (where the device can) instead of dropping them. |
     | `host_budget` | `None` | Bytes of pinned host RAM that offloaded weights may hold (a size); `None`: no limit. A model that would exceed it is dropped instead. |
+    | `prefetch` | `False` | Load (or restore) a model ahead of its work while others compute: when it is the one model not loaded with work waiting on dependencies, and it fits the free memory without evicting anything. Off by default: work that arrives later may need that memory, and evict the prefetched model unused (measured in docs/benchmarks.md). |
     | `trace_capacity` | `100000` | Events the trace keeps (an int >= 1); the oldest go first. |
     | `cpu_workers` | `2` | Threads of the pool that runs CPU-routed tasks (an int >= 1), made at the first such task. |
     | `progress` | `False` | Show tqdm progress bars (`tqdm.auto`: widgets in a notebook, text elsewhere): a model's load from disk and a restore from host RAM (bytes, with the GB/s reached), and [`wait`][gpuctx.wait] (tasks; its default `progress`). Leave it off for scripts and nbval runs. |
@@ -908,7 +909,10 @@ def wait_event(ctx: Any, event: Any) -> None:
 # --------------------------------------------------------------------------- observing
 def stats() -> Any:
     """Loads, unloads, offloads, evictions, switches, per-model task counts, wait/run percentiles
-    (of the tasks that have ended; a task's wait and run times are counted when it ends)."""
+    (of the tasks that have ended; a task's wait and run times are counted when it ends), and
+    ``"overlap"``: how much task runs overlapped, measured (run, busy and overlap seconds,
+    ``concurrency`` = run / busy, and ``effective_concurrency``, about 1.0 when runs that looked
+    concurrent were serialised underneath; see docs/concepts.md)."""
     s = scheduler()
     return s.stats() if _config.cluster is not None else s.trace.stats.as_dict()
 

@@ -121,6 +121,7 @@ class Slot:
     last_used: float = 0.0
     load_cost: float = 1.0
     unload_cost: float = 0.0            # EWMA of measured unload/offload seconds (0 until one is seen)
+    run_cost: float = 0.0               # EWMA of measured seconds per task (or batch) run (0 until one is seen)
     queued: int = 0
     pending: int = 0
     loads: int = 0
@@ -137,6 +138,10 @@ class Slot:
     _mixed: bool = False                         # queued tasks of more than one priority (since empty)
     _first_priority: int = 0
     _samples: deque = field(default_factory=deque)   # recent measured working peaks (policy.WORKING_SAMPLES)
+
+    def note_run(self, seconds: float) -> None:
+        """Account one task (or batch) run of ``seconds`` in :attr:`run_cost` (call with the lock held)."""
+        self.run_cost = seconds if not self.run_cost else 0.5 * self.run_cost + 0.5 * seconds
 
     @property
     def is_label(self) -> bool:

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterable
 from .errors import ConfigError
 from .status import Status
 from .units import format_size
-from .units import format_size
 
 __all__ = ["Panel", "ModelLine", "LoadLine", "EvictionLine", "Lane", "Dashboard", "render_html", "render_text",
            "open_dashboard", "close_all", "top"]

@@ -49,15 +49,33 @@ Consequences:
   running group was switched in as urgent and is within its quantum;
 - an equal-class waiting group pre-empts only once it is urgent, so a running model keeps
   its backlog until the others have waited ``k`` switch costs (never a switch per task);
-- several urgent groups take turns, each keeping the GPU for its quantum.
+- several urgent groups take turns, each keeping the GPU for its quantum;
+- past its quantum, a group keeps its wait for its *tail* (:func:`in_quantum`): while its
+  remaining work (queued tasks x its measured run time, ``run_cost``) ends within ``2 P(self)``
+  of its start. Stopping a group with a short remainder costs a switch back to it later.
+
+**Rent or buy** (:func:`deferred_until`). A start that must evict idle models waits until its
+group has waited as long as the switches it causes take (its own load plus each victim's
+reload and unload); meanwhile more of its work joins the group. Not for an urgent
+group, nor for a strictly higher class than every victim's queued work, nor when nothing is
+evicted. :func:`plan_wake` says when such a start falls due, so the engine plans again then.
+
+**One GPU.** ``Snapshot.concurrency`` is the measured real overlap of task runs
+(:meth:`gpuctx.trace.Stats.real_concurrency`). Below ``SERIAL_BELOW`` runs are taken to be
+serialised underneath: while a group runs, no other group that needs new memory is started
+unless it is urgent (it would hold memory while it waits for the GPU).
+
+**Prefetch** (:func:`prefetch`, when the engine's ``prefetch`` setting is on): the one model not
+loaded with work waiting on dependencies is loaded into free memory while others compute.
 
 **Starvation bound.** A ready group W that cannot start for memory is started no later than
 
-    P(W) + sum over the other groups j of (P(j) + switch_cost(j) + tau)
+    P(W) + D(W) + sum over the other groups j of (2 P(j) + switch_cost(j) + tau)
 
-after its wait began, where ``tau`` is the longest single task (or batch) run: it turns
-urgent after ``P(W)``, and each urgent group ranked ahead of it holds the GPU for at most
-its quantum plus one task and a switch. Inside one model's queue, tasks go by priority,
+after its wait began, where ``tau`` is the longest single task (or batch) run and ``D(W)`` its
+rent-or-buy wait (at most the switch costs its start causes): it turns urgent after ``P(W)``,
+and each urgent group ranked ahead of it holds the GPU for at most its quantum and its tail
+(``2 P(j)``) plus one task and a switch. Inside one model's queue, tasks go by priority,
 but a task that has waited ``max_wait`` is served before any younger task (the engine's
 :class:`~gpuctx.models.Slot` promotes it), so no task waits forever behind a stream of
 higher-priority tasks of its own model.
@@ -98,12 +116,18 @@ __all__ = [
     "Start",
     "charge",
     "choose_victims",
+    "deferred_until",
+    "estimated_load_cost",
     "fits_ever",
     "free_bytes",
+    "in_quantum",
     "next_use",
     "patience",
     "plan",
     "rank_key",
+    "plan_wake",
+    "prefetch",
+    "remaining",
     "should_yield",
     "sm_explain",
     "sm_fits",
@@ -162,6 +186,7 @@ class SlotView:
     working: int = 0             # working memory charged now for its running task (activations, caches)
     next_working: int = 0        # working memory its next ready task needs (declared or estimated)
     sm_share: float | None = None  # fraction of the GPU's SMs its context asks for (None: the rest)
+    run_cost: float = 0.0        # seconds one of its tasks (or batches) runs (EWMA; 0 until one is seen)
 
     @property
     def resident(self) -> bool:
@@ -177,6 +202,10 @@ class Snapshot:
     budget: int
     slots: tuple[SlotView, ...]
     params: PolicyParams = field(default_factory=PolicyParams)
+    concurrency: float | None = None   # measured real overlap of task runs (Stats.real_concurrency); None: unknown
+
+
+SERIAL_BELOW = 1.15   # measured real concurrency under which runs are taken to be serialised
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +240,12 @@ def fits_ever(size: int, slot: str, reserved: int, budget: int, others_reserved:
     return max(size, reserved) <= budget - others_reserved
 
 
+def estimated_load_cost(size: int, rate: float | None, prior: float = 1.0) -> float:
+    """Seconds a model never loaded yet is expected to take: ``size`` at the measured load rate
+    (bytes/s) of the engine's other loads, or ``prior`` before any load was measured."""
+    return prior if rate is None or rate <= 0 or size <= 0 else size / rate
+
+
 def switch_cost(s: SlotView) -> float:
     """Seconds a switch to ``s`` and away again costs: its load (or restore) plus its unload."""
     return s.load_cost + s.unload_cost
@@ -224,6 +259,10 @@ def patience(s: SlotView, params: PolicyParams) -> float:
 def next_use(queued: int, pending: int) -> float:
     """Distance to a slot's next use, for furthest-next-use eviction: 0 ready, 1 pending, inf none."""
     return 0.0 if queued else 1.0 if pending else float("inf")
+
+
+def _waited(s: SlotView, now: float) -> float:
+    return now - _since(s)
 
 
 def _since(s: SlotView) -> float:
@@ -299,6 +338,37 @@ def choose_victims(slots: Iterable[SlotView], need: int, requester: SlotView | N
 
 def plan(snapshot: Snapshot) -> list[Start]:
     """Groups to start now, best-ranked first, each with the evictions it needs."""
+    return plan_wake(snapshot)[0]
+
+
+def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params: PolicyParams) -> float | None:
+    """When a start of ``s`` that must evict ``victims`` is worth its switches, or None if it is now.
+
+    Rent or buy: evicting an idle model to make room costs its reload when its work comes
+    back, and ``s``'s own load, while waiting costs only the waiting. So the start waits until
+    ``s``'s group has waited as long as those switches take (``switch_cost(s)`` + the victims'
+    switch costs, from the wait's start), and meanwhile more of its work gathers in one group.
+    (Counting the wait of every queued task, ``queued x wait``, made the start earlier the more
+    arrived; on the virtual driver with run and load times jittered by up to 30%, that made
+    loads vary by more than 10% in twice as many benchmark rows, and made more of them.) Never for an urgent group, nor for a strictly
+    higher class than every victim's queued work (a pre-emption is not delayed), nor when no
+    victim is needed. At most that sum of switch costs per start: the starvation bound holds.
+    """
+    if not victims or _waited(s, now) >= patience(s, params):
+        return None
+    with_work = [v for v in victims if v.queued]
+    if with_work and all((s.qos, s.head_priority) > (v.qos, v.head_priority) for v in with_work):
+        return None
+    cost = switch_cost(s) + sum(switch_cost(v) for v in victims)
+    at = _since(s) + cost
+    return at if at > now else None
+
+
+def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
+    """:func:`plan`, and when a group it defers (:func:`deferred_until`) may start (None: none).
+
+    Nothing else may happen before then (no arrival, no task end), so the engine plans again
+    at that time by itself."""
     params = snapshot.params
     slots = {s.name: s for s in snapshot.slots}
     ready = sorted((s for s in snapshot.slots if s.queued > 0 and not s.busy and s.state != EVICTING), key=lambda s: rank_key(s, snapshot.now, params))
@@ -308,6 +378,11 @@ def plan(snapshot: Snapshot) -> list[Start]:
     blocked = False
     started: set[str] = set()
     held: set[str] = set()
+    wake: float | None = None
+    # Runs measured not to overlap (one GPU queueing the kernels): a second group would only
+    # wait for the GPU while holding memory, so while one runs, only urgent groups load.
+    serial = (snapshot.concurrency is not None and snapshot.concurrency < SERIAL_BELOW
+              and any(s.busy for s in snapshot.slots))
     for s in ready:
         if s.name in evicting or s.name in held:
             continue  # a victim of a better-ranked group in this same plan, or held for a blocked one
@@ -321,6 +396,8 @@ def plan(snapshot: Snapshot) -> list[Start]:
         if blocked:
             # A better-ranked group waits for memory: do not take any from under it.
             continue
+        if serial and _waited(s, snapshot.now) < patience(s, params):
+            continue
         if need <= free:
             free -= need
             starts.append(Start(s.name, (), need))
@@ -332,13 +409,44 @@ def plan(snapshot: Snapshot) -> list[Start]:
             blocked = True
             held = _held_for(snapshot, s, pool, need - free)
             continue
+        later = deferred_until(s, [slots[v] for v in victims], snapshot.now, params)
+        if later is not None:
+            wake = later if wake is None else min(wake, later)
+            continue
         for v in victims:
             free += slots[v].used - slots[v].reserved
             evicting.add(v)
         free -= need
         starts.append(Start(s.name, victims, need))
         started.add(s.name)
-    return starts
+    return starts, wake
+
+
+def prefetch(snapshot: Snapshot, starts: Sequence[Start]) -> Start | None:
+    """A model to load now, ahead of its work, while others compute; None when there is none.
+
+    Only a model whose work is all *pending* (waiting on dependencies: it will be ready once
+    running tasks end), absent or offloaded, and only into memory that is free after
+    ``starts`` (the plan just made) without evicting anything, and only when that plan left no
+    ready group waiting (blocked for memory or deferred): those come first. Only when it is the
+    one model not resident that has work coming: with two, which is needed first is a guess,
+    and the wrong one can be evicted before its first use (a load for nothing). Its restore
+    (or load) then overlaps the running groups' compute, so its first task need not wait for it.
+    """
+    started = {st.slot for st in starts}
+    if any(s.queued and not s.busy and s.state != EVICTING and s.name not in started for s in snapshot.slots):
+        return None   # a ready group is waiting: the free memory is its
+    free = free_bytes(snapshot) - sum(st.need for st in starts)
+    candidates = [s for s in snapshot.slots
+                  if s.state in (ABSENT, OFFLOADED) and not s.busy and not s.label and s.queued == 0
+                  and s.pending > 0 and s.name not in started and 0 < need_bytes(s) <= free]
+    if len(candidates) != 1:
+        return None   # none, or several models that will want memory: which comes first is a guess
+    best = candidates[0]
+    if any(s.name != best.name and not s.busy and not s.resident and not s.label and (s.pending or s.queued)
+           for s in snapshot.slots):
+        return None   # another model will want memory too: the prefetch could be evicted unused
+    return Start(best.name, (), need_bytes(best))
 
 
 def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int) -> set[str]:
@@ -353,9 +461,29 @@ def _held_for(snapshot: Snapshot, s: SlotView, pool: list[SlotView], short: int)
     return set(victims) if victims is not None else set()
 
 
+def remaining(s: SlotView) -> float:
+    """Seconds of ready work ``s`` has queued, by its measured run time (0 until one is seen)."""
+    return s.queued * s.run_cost
+
+
+def in_quantum(s: SlotView, now: float, params: PolicyParams) -> bool:
+    """True while the running group ``s`` keeps the wait it had when it started.
+
+    For its quantum, ``P(s)`` seconds after its group started; then, for its *tail*, as long
+    as what it has left (:func:`remaining`) ends within ``k x switch_cost(s)`` of the quantum's
+    end. Stopping a group with a short tail left costs a switch back to it later, which is
+    what the tail is worth waiting for; the tail's hard end keeps the starvation bound.
+    """
+    if s.started is None:
+        return False
+    run_for, quantum = now - s.started, patience(s, params)
+    if run_for < quantum:
+        return True
+    return s.run_cost > 0 and run_for + remaining(s) <= 2 * quantum
+
+
 def _aside(s: SlotView, now: float, params: PolicyParams) -> SlotView:
-    quantum = s.started is not None and now - s.started < patience(s, params)
-    return replace(s, busy=False, started=None, waiting_since=_since(s) if quantum else now)
+    return replace(s, busy=False, started=None, waiting_since=_since(s) if in_quantum(s, now, params) else now)
 
 
 def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:
@@ -365,7 +493,7 @@ def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:
     seconds since its group started): then it keeps the wait it had when it started.
     """
     views = tuple(_aside(s, snapshot.now, snapshot.params) if s.name == running else s for s in snapshot.slots)
-    return Snapshot(now=snapshot.now, budget=snapshot.budget, slots=views, params=snapshot.params)
+    return replace(snapshot, slots=views)
 
 
 def should_yield(snapshot: Snapshot, running: str) -> bool:

@@ -14,8 +14,10 @@ live re-implementations in ``bench/baselines.py``, not simulations.
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,8 @@ class SimResult:
     makespan: float = 0.0
     peak: int = 0
     sequence: list[tuple[str, str]] = field(default_factory=list)   # (kind, model) of loads and unloads, in order
+    overlap: dict[str, float] = field(default_factory=dict)         # stats()["overlap"]: how much runs overlapped
+    prefetches: int = 0
     waits: dict[int, float] = field(default_factory=dict)
     start: dict[int, float] = field(default_factory=dict)
     end: dict[int, float] = field(default_factory=dict)
@@ -107,20 +111,50 @@ def _body(pause: Any, seconds: float, *deps: Any) -> None:
     pause(seconds)
 
 
+class _OneGpu:
+    """A fair mutex on either driver: the GPU goes to the callers in the order they asked, as
+    kernels from several streams share one GPU (a releasing caller cannot take it straight back)."""
+
+    def __init__(self, driver: Any) -> None:
+        self._driver, self._lock = driver, threading.Lock()   # the lock guards two fields, never blocks long
+        self._busy, self._waiting = False, collections.deque()
+
+    def run(self, pause: Any, seconds: float) -> None:
+        with self._lock:
+            turn = None
+            if self._busy:
+                turn = self._driver.event()
+                self._waiting.append(turn)
+            self._busy = True
+        if turn is not None:
+            turn.wait()   # handed over by the previous holder
+        try:
+            pause(seconds)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting.popleft().set()
+                else:
+                    self._busy = False
+
+
 def simulate(models: list[SimModel], tasks: list[SimTask], budget: int, *,
-             params: policy.PolicyParams | None = None) -> SimResult:
+             params: policy.PolicyParams | None = None, serial: bool = False, prefetch: bool = False) -> SimResult:
     """Run ``tasks`` through the engine on a virtual clock under ``budget`` bytes."""
-    return run(models, tasks, budget, params=params)
+    return run(models, tasks, budget, params=params, serial=serial, prefetch=prefetch)
 
 
 def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: Any = None, scale: float = 1.0,
-        params: policy.PolicyParams | None = None) -> SimResult:
+        params: policy.PolicyParams | None = None, serial: bool = False, prefetch: bool = False) -> SimResult:
     """Run a workload through the engine, on ``driver`` (a new virtual one by default).
 
     With a :class:`~gpuctx.engine.ThreadedDriver`, every declared time is slept for real, times
     ``scale``; the result is given in the workload's seconds either way. Every load waits until
     the whole of what arrives at time 0 is submitted, so that a live run does not start planning
-    before the workload is in (the virtual driver gets there by construction).
+    before the workload is in (the virtual driver gets there by construction). ``serial`` runs
+    the task bodies one at a time, in the order they asked for the GPU (one GPU that runs one
+    call at a time; loads still overlap), like ``bench/scheduling.py``'s serial mode; ``prefetch`` is
+    the engine's setting of that name.
     """
     for m in models:
         if m.size + m.working > budget:
@@ -129,8 +163,12 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
     virtual = isinstance(driver, VirtualDriver)
     params = params or policy.PolicyParams()
     pause = functools.partial(_scaled_sleep, driver.sleep, scale)
+    body_pause = pause
+    if serial:
+        body_pause = functools.partial(_OneGpu(driver).run, pause)
     config = Config(budget=budget, safety_factor=1.0, device="cpu", max_wait=params.max_wait * scale,
-                    aging=params.aging * scale, latency_priority=params.latency_priority, offload=False)
+                    aging=params.aging * scale, latency_priority=params.latency_priority, offload=False,
+                    prefetch=prefetch)
     sched = Scheduler(config, device=_TimedDevice(budget, {m.name: m.unload_s for m in models}, pause), driver=driver)
     gate = driver.event()
     try:
@@ -166,7 +204,7 @@ def run(models: list[SimModel], tasks: list[SimTask], budget: int, *, driver: An
             if spec is None:
                 spec = specs[(t.model, t.priority)] = TaskSpec(fn=_body, name=t.model, model=t.model,
                                                                 priority=t.priority)
-            handles[t.id] = sched.submit(spec, (pause, t.run_s, *(handles[d] for d in t.deps)), {})
+            handles[t.id] = sched.submit(spec, (body_pause, t.run_s, *(handles[d] for d in t.deps)), {})
         gate.set()
         if virtual:
             driver.run_until_idle()
@@ -201,6 +239,8 @@ def _result(sched: Scheduler, handles: dict[int, Any], t0: float, scale: float) 
     r.switches = stats["model_switches"]
     r.peak = max(stats["peak_vram"], sched.peak_committed())
     r.makespan = max(r.end.values(), default=0.0)
+    r.overlap = dict(stats["overlap"])
+    r.prefetches = sum(1 for e in sched.trace.events if e.kind == "prefetch")
     return r
 
 

@@ -145,6 +145,85 @@ class Stats:
         # The last loads, restores and evictions: a task burst fills the ring buffer with task
         # events, and a view of "the last evictions" must not scan it or lose them to it.
         self.residency: deque = deque(maxlen=_RESIDENCY_KEPT)
+        # Overlap of task runs: the runs of the current busy period (from the first start after
+        # nothing ran to the next time nothing runs), folded into the totals when it ends.
+        self._open = 0
+        self._period: list[tuple[float, float, str | None]] = []
+        self.run_seconds = self.busy_seconds = self.overlap_seconds = 0.0
+        self._cut = float("-inf")   # the latest end of the runs folded so far
+        self._solo: dict[str | None, list] = {}   # model -> [seconds, runs] of runs with nothing else running
+        self._runs: dict[str | None, int] = {}    # model -> runs counted in busy_seconds
+        self._apparent: dict[str | None, float] = {}   # model -> their seconds, as they looked
+
+    def _run_ended(self, started: float, ended: float, model: str | None = None) -> None:
+        self._open -= 1
+        self._period.append((started, ended, model))
+        if self._open <= 0 or len(self._period) >= 64:   # a long busy period is folded in pieces
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add the buffered runs to the totals: their sum, their union and the time >1 ran."""
+        runs, self._period = self._period, []
+        self._open = max(self._open, 0)
+        if not runs:
+            return
+        # Time before the last fold's latest end was counted by that fold (a run still going
+        # then, and not covered by it, loses that part: the cost of folding in pieces).
+        cut = self._cut
+        edges = sorted([(max(a, cut), 1) for a, b, _ in runs if b > cut] + [(b, -1) for a, b, _ in runs if b > cut])
+        self._cut = max(cut, max(b for _, b, _ in runs))
+        depth, last = 0, edges[0][0] if edges else 0.0
+        for t, step in edges:
+            if depth >= 1:
+                self.busy_seconds += t - last
+            if depth >= 2:
+                self.overlap_seconds += t - last
+            depth, last = depth + step, t
+        self.run_seconds += sum(b - a for a, b, _ in runs)
+        runs.sort()
+        reach = float("-inf")   # the latest end among the runs that started earlier
+        for i, (a, b, model) in enumerate(runs):
+            nxt = runs[i + 1][0] if i + 1 < len(runs) else float("inf")
+            if a >= reach and b <= nxt:   # nothing else ran meanwhile: its time alone
+                solo = self._solo.setdefault(model, [0.0, 0])
+                solo[0] += b - a
+                solo[1] += 1
+            self._runs[model] = self._runs.get(model, 0) + 1
+            self._apparent[model] = self._apparent.get(model, 0.0) + (b - a)
+            reach = max(reach, b)
+
+    def overlap(self) -> dict[str, float]:
+        """How much task runs really overlapped, measured.
+
+        ``run_seconds`` (runs summed), ``busy_seconds`` (time with at least one running),
+        ``overlap_seconds`` (time with more than one); ``concurrency`` = run / busy, as it looks
+        from outside the bodies; ``effective_concurrency`` = the runs' time *alone* (each model's
+        mean run when nothing else ran, times its runs) / busy: about 1.0 when runs that look
+        concurrent were serialised underneath (one GPU queueing the kernels), more when they
+        really overlapped. 1.0 until something ran."""
+        self._fold_if_idle()
+        busy = self.busy_seconds
+        real = self.real_concurrency()
+        effective = real if real is not None else (self.run_seconds / busy if busy > 0 else 1.0)
+        return {"run_seconds": self.run_seconds, "busy_seconds": busy, "overlap_seconds": self.overlap_seconds,
+                "concurrency": self.run_seconds / busy if busy > 0 else 1.0,
+                "effective_concurrency": effective}
+
+    def real_concurrency(self) -> float | None:
+        """``effective_concurrency`` once runs have looked concurrent (``concurrency`` >= 1.2), else
+        None (nothing to tell yet); cheap: from the totals folded so far (no sweep)."""
+        busy = self.busy_seconds
+        if busy <= 0 or self.run_seconds < 1.2 * busy:
+            return None
+        share = sum(self._apparent[m] for m in self._runs if m in self._solo)
+        if share <= 0:
+            return None
+        alone = sum(n * self._solo[m][0] / self._solo[m][1] for m, n in self._runs.items() if m in self._solo)
+        return alone * self.run_seconds / share / busy
+
+    def _fold_if_idle(self) -> None:
+        if self._open <= 0 and self._period:
+            self._fold()
 
     def _m(self, name: str | None) -> _ModelStats:
         key = name or "?"
@@ -227,7 +306,7 @@ class Stats:
             }
         return StatsReport(budget=self.budget, peak_vram=self.peak_vram, model_switches=self.model_switches,
                            tasks=self.tasks, failed=self.failed, evictions_for_others=self.evictions_for_others,
-                           models=models)
+                           models=models, overlap=self.overlap())
 
 
 class Trace:
@@ -278,6 +357,7 @@ class Trace:
         """``task`` started (at ``task.started_at``) on ``context``'s stream."""
         self._events.append((task.started_at, "start", task.id, task.name, task.model,
                              context, context, None, None, None, None))
+        self.stats._open += 1
 
     def ended(self, task: Any, vram: int | None = None, reason: str | None = None) -> None:
         """``task`` ended (at ``task.ended_at``); ``reason`` is "failed" or "cancelled" unless it succeeded."""
@@ -287,6 +367,8 @@ class Trace:
         if vram is not None and vram > stats.peak_vram:
             stats.peak_vram = vram
         stats.task_ended(task.model, task.submitted_at, task.started_at, t, reason)
+        if task.started_at is not None:
+            stats._run_ended(task.started_at, t, task.model)
 
     def now(self) -> float:
         """The time now on the trace's clock (the scheduler's: real or virtual seconds)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import policy
 from ..models import Slot
-from .group import _GROUP, _worker_main
+from .group import _GROUP, _PREFETCH, _worker_main
 
 
 class _Dispatch:
@@ -38,25 +38,33 @@ class _Dispatch:
                 name=s.name, size=s.size, state=s.state, used=self._ledger.used.get(s.name, 0),
                 reserved=self._ledger.reserved.get(s.name, 0), claim=self._ledger.claims.get(s.name, 0),
                 busy=s.busy, pinned=s.pin, priority=s.priority, qos=s.qos, last_used=s.last_used,
-                load_cost=s.load_cost, queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
+                load_cost=s.load_cost if s.loads else policy.estimated_load_cost(s.size, self._load_rate),
+                queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
                 working=s.working_charged, next_working=self._next_working_locked(s), sm_share=s.sm_share,
+                run_cost=s.run_cost,
             ))
-        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params())
+        return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params(),
+                               concurrency=self.trace.stats.real_concurrency())
 
     def _dispatch_locked(self) -> None:
         if self._closed and (self._stopped or not self._live):
             return
+        prefetch = self.config.prefetch
         for s in self._slots.values():
-            if s.queued and not s.busy:
+            if not s.busy and (s.queued or (prefetch and s.pending and s.state in (policy.ABSENT, policy.OFFLOADED))):
                 break
         else:
-            return   # every slot with work is running it already
+            return   # every slot with work is running it already (or has it loading)
         snap = self._snapshot_locked()
         views = {v.name: v for v in snap.slots}
-        for start in policy.plan(snap):
+        starts, wake = policy.plan_wake(snap)
+        if wake is not None and (self._replan_at is None or wake < self._replan_at):
+            self._replan_at = wake   # a start deferred until then: the housekeeper plans again
+            self._hk_wake.set()
+        for start in starts:
             slot = self._slots[start.slot]
             slot.busy = True
             for v in start.evict:
@@ -65,6 +73,11 @@ class _Dispatch:
             if start.need:   # the charge the group will have: held for it until its group ends
                 self._ledger.claims[start.slot] = policy.charge(views[start.slot]) + start.need
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
+        ahead = policy.prefetch(snap, starts) if self.config.prefetch else None
+        if ahead is not None:   # load a model whose work waits on running tasks, while they run
+            self._slots[ahead.slot].busy = True
+            self._ledger.claims[ahead.slot] = ahead.need
+            self._worker(ahead.slot).put((_PREFETCH, (), ahead.need))
         self._cond.notify_all()
 
     def _worker(self, name: str) -> Any:

@@ -26,14 +26,16 @@ from .state import _QUEUED, _resolve, slot_to
 if TYPE_CHECKING:  # pragma: no cover
     from .scheduler import Scheduler
 
-_GROUP, _STOP = "group", "stop"
+_GROUP, _PREFETCH, _STOP = "group", "prefetch", "stop"
 _NO_SCOPE = contextlib.nullcontext()
 
 
 class _Groups:
     """Mixin of :class:`gpuctx.engine.Scheduler`; see the module docstring."""
 
-    def _run_group(self, name: str, victims: tuple[str, ...], need: int) -> None:
+    def _run_group(self, name: str, victims: tuple[str, ...], need: int, drain: bool = True) -> None:
+        """Evict ``victims``, make ``name`` resident, then (unless it is a prefetch: ``drain``
+        False) run its ready tasks."""
         slot = self._slots[name]
         stale = False
         try:
@@ -42,8 +44,9 @@ class _Groups:
             if not self._make_resident(slot):
                 return
             with self._cond:
-                self.trace.record("group_start", model=name, context=name)
-            self._drain(slot)
+                self.trace.record("group_start" if drain else "prefetch", model=name, context=name)
+            if drain:
+                self._drain(slot)
         finally:
             with self._cond:
                 self._end_work_locked(slot)   # whatever ended the group, its working memory is free
@@ -72,6 +75,7 @@ class _Groups:
         """Run ``slot``'s ready tasks until its queue is empty or the policy says yield."""
         prev: Any = ()
         prev_out: list = []
+        began = 0.0
         cond = self._cond
         # The slot's model stays resident and its object the same while the slot is busy:
         # one frame serves every task of the group.
@@ -89,6 +93,7 @@ class _Groups:
                         prev = prev_out = t = outcome = ()   # the results are the futures' now, not this frame's
                         self._end_work_locked(slot)
                         slot.last_used = self._clock()
+                        slot.note_run(slot.last_used - began)
                         if woke:   # dependents became ready (or failed): other slots may start now
                             self._dispatch_locked()
                     batch = self._next_batch_locked(slot)
@@ -105,6 +110,7 @@ class _Groups:
                     if resolved and cond.intake:
                         continue   # a done-callback just submitted more: take it in before ending the group
                     return
+                began = self._clock()
                 prev, prev_out = batch, self._execute(slot, obj, batch)
         finally:
             _current.reset(token)
@@ -241,7 +247,7 @@ def _worker_main(ref: "weakref.ref[Scheduler]", name: str, inbox: Any) -> None:
         if sched is None:
             return
         try:
-            sched._run_group(name, victims, need)
+            sched._run_group(name, victims, need, drain=kind == _GROUP)
             _clear_finished_frames(sched._to_scrub.pop(name, ()))
         except BaseException as exc:  # noqa: BLE001 - see the docstring
             warnings.warn(f"gpuctx: worker of {name!r} caught {type(exc).__name__}: {exc}; the group ended early "

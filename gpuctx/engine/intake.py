@@ -81,6 +81,8 @@ class _Intake:
                         self._cond.notify_all()   # a batch that waits to fill
             else:
                 launch = False
+                if self.config.prefetch and not slot.busy and slot.state in (policy.ABSENT, policy.OFFLOADED):
+                    self._dispatch_locked()   # work for a model that is not loaded: a prefetch may start
         if to_resolve:
             _resolve(to_resolve)
         if launch:

@@ -85,6 +85,9 @@ class _Residency:
             slot.resident_fraction = fraction
             slot.loads += 1
             slot.load_cost = dt if slot.loads == 1 else 0.5 * slot.load_cost + 0.5 * dt
+            if not was_offloaded and dt > 0 and size > 0:
+                rate = size / dt
+                self._load_rate = rate if self._load_rate is None else 0.5 * self._load_rate + 0.5 * rate
             if measured is not None or slot.size_source == "auto":
                 warn, victims = self._apply_measured_locked(slot, measured)
             nbytes = self._ledger.used.get(slot.name, 0)
@@ -241,12 +244,16 @@ class _Residency:
         return [s.name for s in targets]
 
     def _housekeep(self) -> None:
-        """Unload models idle for longer than their keep_alive (woken at group ends and config changes)."""
+        """Unload models idle for longer than their keep_alive (woken at group ends and config changes),
+        and make the starts the policy deferred when they fall due (after a shutdown too, until
+        the last of them ran: nothing else may come to plan them)."""
         while True:
             with self._cond:
                 if self._closed:
-                    return
-                if self.config.keep_alive is None and all(s.keep_alive is None for s in self._slots.values()):
+                    if self._replan_at is None or not self._live:
+                        return
+                    names, next_at, now = (), None, 0.0   # closing: only the deferred starts
+                elif self.config.keep_alive is None and all(s.keep_alive is None for s in self._slots.values()):
                     names, next_at, now = (), None, 0.0   # nothing can expire: no snapshot per group end
                 else:
                     snap = self._snapshot_locked()
@@ -256,11 +263,25 @@ class _Residency:
                 for s in due:
                     ka = s.keep_alive if s.keep_alive is not None else self.config.keep_alive
                     self._mark_evicting_locked(s, f"idle for {ka:g} s (keep_alive)")
+                next_at, now = self._replan_due_locked(next_at, now)
             for s in due:
                 self._evict_marked(s, "idle past keep_alive")
             if not due:
                 self._hk_wake.wait(None if next_at is None else max(0.001, next_at - now))
                 self._hk_wake.clear()
+
+    def _replan_due_locked(self, next_at: float | None, now: float) -> tuple[float | None, float]:
+        """Plan again if a deferred start (policy.plan_wake) is due; return the housekeeper's
+        next wake-up time (the earlier of ``next_at`` and the next deferral) and the time now."""
+        if self._replan_at is None:
+            return next_at, now
+        now = self._clock()
+        if self._replan_at <= now:
+            self._replan_at = None
+            self._dispatch_locked()   # may defer again: sets _replan_at anew
+        if self._replan_at is not None:
+            next_at = self._replan_at if next_at is None else min(next_at, self._replan_at)
+        return next_at, now
 
     def _free_for_oom(self, slot: Slot) -> None:
         with self._cond:

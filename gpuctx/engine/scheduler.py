@@ -89,6 +89,8 @@ class Scheduler(_IntakeGate, _Intake, _Registry, _Dispatch, _Groups, _Residency,
         self.trace = Trace(self.config.trace_capacity, clock=clock)
         self.trace.budget = self._ledger.budget
         self._hk_wake = self._driver.event()
+        self._replan_at: float | None = None   # when a start the policy deferred may begin (dispatch sets it)
+        self._load_rate: float | None = None   # bytes/s of this engine's loads (EWMA): unmeasured models' cost
         self._housekeeper = self._driver.spawn(self._housekeep, name="gpuctx-housekeeper")
 
     def _compute_budget(self) -> int:

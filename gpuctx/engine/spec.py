@@ -35,6 +35,7 @@ class Config:
     cluster: str | None = None           # "ray": one engine per worker (gpuctx.cluster); None: this process
     workers: int | None = None           # cluster workers; None: one per GPU Ray knows of
     share: str | bool | None = None      # acted on by gpuctx.api (gpuctx.share): a name, False, or None (default)
+    prefetch: bool = False
 
     @classmethod
     def build(cls, base: "Config | None" = None, **changes: Any) -> "Config":
@@ -64,7 +65,7 @@ class Config:
                 v = c[key]
                 if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
                     raise ConfigError(f"{key}={v!r}: expected an int" + (f" >= {low}" if low is not None else ""))
-        for key in ("offload", "progress"):
+        for key in ("offload", "progress", "prefetch"):
             if key in c and not isinstance(c[key], bool):
                 raise ConfigError(f"{key}={c[key]!r}: expected True or False")
         if "cluster" in c and c["cluster"] not in (None, "ray"):
