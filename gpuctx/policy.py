@@ -483,7 +483,11 @@ def in_quantum(s: SlotView, now: float, params: PolicyParams) -> bool:
 
 
 def _aside(s: SlotView, now: float, params: PolicyParams) -> SlotView:
-    return replace(s, busy=False, started=None, waiting_since=_since(s) if in_quantum(s, now, params) else now)
+    # As the engine leaves it when the group ends: its group's claim dropped and its working memory
+    # released (a claim kept here made the plan see no room for the slot's own next task, so the
+    # group yielded, the real plan restarted it, and that repeated with no time passing).
+    return replace(s, busy=False, started=None, claim=0, working=0,
+                   waiting_since=_since(s) if in_quantum(s, now, params) else now)
 
 
 def stepped_aside(snapshot: Snapshot, running: str) -> Snapshot:
