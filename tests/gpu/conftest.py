@@ -18,3 +18,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # A conftest's runtest hooks apply to the items under its folder only.
     if not _cuda():
         pytest.skip("no CUDA device: GPU test not run")
+
+
+@pytest.fixture
+def cuda():
+    """gpuctx on cuda:0 with the whole card as budget; forgotten afterwards."""
+    import gpuctx
+
+    gpuctx.reset()
+    gpuctx.configure(device="cuda:0", budget=None)
+    yield gpuctx
+    gpuctx.reset()

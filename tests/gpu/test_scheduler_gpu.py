@@ -14,15 +14,6 @@ pytestmark = pytest.mark.gpu
 TIMEOUT = 120
 
 
-@pytest.fixture
-def cuda():
-    """gpuctx on cuda:0 with the whole card as budget; forgotten afterwards."""
-    gpuctx.reset()
-    gpuctx.configure(device="cuda:0", budget=None)
-    yield gpuctx
-    gpuctx.reset()
-
-
 def test_two_models_pass_a_tensor_through_a_dependency(cuda):
     torch.manual_seed(0)
     seen: dict[str, object] = {}

@@ -14,14 +14,6 @@ pytestmark = pytest.mark.gpu
 TIMEOUT = 120
 
 
-@pytest.fixture
-def cuda():
-    gpuctx.reset()
-    gpuctx.configure(device="cuda:0", budget=None)
-    yield gpuctx
-    gpuctx.reset()
-
-
 def test_working_memory_is_measured_as_the_allocators_peak_minus_what_was_allocated(cuda):
     @gpuctx.model("m", vram="auto")
     def load():
