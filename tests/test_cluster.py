@@ -242,8 +242,9 @@ def test_a_killed_worker_fails_its_running_task_moves_its_queue_and_retries_when
         return "ok"
 
     running = hang(0)
-    queued = [hang(i) for i in range(1, 4)]
+    # the calls behind it are made once it runs: an async actor may start calls in any order
     _until(lambda: running.state == gpuctx.TaskState.RUNNING, "the first call to start")
+    queued = [hang(i) for i in range(1, 4)]
     victim = running.worker
     behind = [t for t in queued if t.worker == victim and t.state == gpuctx.TaskState.QUEUED]
     assert behind, [(t.worker, t.state) for t in queued]

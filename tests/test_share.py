@@ -112,6 +112,12 @@ def test_three_processes_evict_each_others_idle_models_and_never_exceed_the_budg
     c("model", name="mc", vram=500 * MB)
     assert a("run", model="ma")["result"] == "ma"
     assert b("run", model="mb")["result"] == "mb"
+    # a model turns idle in the share when its owner's heartbeat says so; wait for both, so that
+    # the victim below is chosen by age and not by whose heartbeat came first
+    idle = "SELECT COUNT(*) FROM charges WHERE model IN ('ma', 'mb') AND busy = 0"
+    db = _db("three")
+    assert _until(lambda: db.execute(idle).fetchone()[0] == 2), "ma and mb never published idle"
+    db.close()
     assert c("run", model="mc")["result"] == "mc"   # 400 + 400 + 500 > 1000: one idle model goes
     # the least recently used of the two (ma) was asked for, and its owner evicted it
     sa, sb, sc = a("state"), b("state"), c("state")
