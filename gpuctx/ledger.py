@@ -84,12 +84,6 @@ class Ledger:
         self.used[name] = nbytes
         self._recount()
 
-    def grow(self, name: str, nbytes: int) -> int:
-        """Set ``name``'s use to a measured ``nbytes``; return bytes over budget (0 when it fits)."""
-        self.used[name] = nbytes
-        self._recount()
-        return max(0, self.committed() - self.budget)
-
     def release(self, name: str) -> None:
         """``name`` uses nothing any more (its base reservation stays)."""
         self.used.pop(name, None)

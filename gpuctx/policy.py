@@ -88,6 +88,14 @@ then the cheapest to reload. A model's *charge* is ``max(reserved, used)``, so e
 BURSTABLE model frees only its burst above the base; GUARANTEED models free nothing and
 are never chosen.
 
+**Unknown sizes** (``vram="auto"`` before its first load measures it; ``SlotView.size_known``
+False). :func:`auto_size_claim` decides what such a load claims: its estimate (a size it had
+before), else everything free; and only one of them loads at a time: while another is being
+measured, the plan does not start it (two guesses together could overcommit the budget). Once
+the load is measured, :func:`measured_fit` says whether the measured size is charged now, after
+evicting idle models, or (the rest running) the model is unloaded and loaded again once the plan
+finds room for its size, now known. Neither ever charges more than the budget.
+
 **Working memory and SM shares.** A running task is charged its working memory (activations,
 caches) on top of its model's weights, so what a group needs to start (:func:`start_need`) is
 its load plus its next task's working memory; before each further task :func:`admit_working`
@@ -111,6 +119,7 @@ __all__ = [
     "PolicyParams",
     "WorkingAdmission",
     "admit_working",
+    "auto_size_claim",
     "SlotView",
     "Snapshot",
     "Start",
@@ -121,6 +130,7 @@ __all__ = [
     "fits_ever",
     "free_bytes",
     "in_quantum",
+    "measured_fit",
     "next_use",
     "patience",
     "plan",
@@ -187,6 +197,7 @@ class SlotView:
     next_working: int = 0        # working memory its next ready task needs (declared or estimated)
     sm_share: float | None = None  # fraction of the GPU's SMs its context asks for (None: the rest)
     run_cost: float = 0.0        # seconds one of its tasks (or batches) runs (EWMA; 0 until one is seen)
+    size_known: bool = True      # False: vram="auto" not measured yet (``size``: an estimate, 0 for none)
 
     @property
     def resident(self) -> bool:
@@ -389,7 +400,13 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
         if not sm_fits(snapshot, s, started):
             continue  # its SM share does not fit beside the groups that run at once
         need = start_need(s)  # its load and its next task's working memory
-        if need == 0:
+        unknown = not s.size_known and not s.resident
+        if unknown:  # a load of unknown size takes memory, even when none is free to claim
+            claim = auto_size_claim(snapshot, s.name, free, started)
+            if claim is None:
+                continue  # another model's first load is being measured: this one waits for it
+            need = max(0, max(s.reserved, claim) - charge(s))
+        elif need == 0:
             starts.append(Start(s.name))
             started.add(s.name)
             continue
@@ -438,7 +455,7 @@ def prefetch(snapshot: Snapshot, starts: Sequence[Start]) -> Start | None:
         return None   # a ready group is waiting: the free memory is its
     free = free_bytes(snapshot) - sum(st.need for st in starts)
     candidates = [s for s in snapshot.slots
-                  if s.state in (ABSENT, OFFLOADED) and not s.busy and not s.label and s.queued == 0
+                  if s.state in (ABSENT, OFFLOADED) and not s.busy and not s.label and s.queued == 0 and s.size_known
                   and s.pending > 0 and s.name not in started and 0 < need_bytes(s) <= free]
     if len(candidates) != 1:
         return None   # none, or several models that will want memory: which comes first is a guess
@@ -571,10 +588,48 @@ def on_full_queue(overflow: str, block: bool, can_drop: bool) -> str:
     return "reject"
 
 
-def auto_size_claim(snapshot: Snapshot, name: str) -> int:
-    """Bytes a first load of a ``vram="auto"`` model may take before it is measured: all that is free."""
-    claim = next((s.claim for s in snapshot.slots if s.name == name), 0)
-    return max(0, free_bytes(snapshot) + claim)
+def auto_size_claim(snapshot: Snapshot, name: str, free: int | None = None,
+                    starting: Iterable[str] = ()) -> int | None:
+    """Bytes to charge the load of ``name`` while its size is unknown (``vram="auto"`` not measured
+    yet), or None: it waits.
+
+    Only one model of unknown size loads at a time: while another one is (its group started, or
+    it is in ``starting``, the groups a plan is starting), this one waits (None), since what that
+    load will take is unknown and two of them could together overcommit the budget. Otherwise the
+    load claims its estimate (``size``, a size known before, such as one declared earlier) or, with
+    none, everything it holds plus everything ``free`` (by default :func:`free_bytes`): nothing
+    else takes memory while it loads. Once measured, its charge shrinks to the real size (or grows:
+    :func:`measured_fit`) and the others go on. A model whose size is known is charged its size.
+    """
+    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0, size_known=False)
+    if me.size_known:
+        return max(me.reserved, me.size)
+    also = set(starting)
+    if any(not s.size_known and (s.busy or s.name in also) and s.name != name for s in snapshot.slots):
+        return None
+    if me.size > 0:
+        return max(me.reserved, me.size)
+    return charge(me) + max(0, free_bytes(snapshot) if free is None else free)
+
+
+def measured_fit(snapshot: Snapshot, name: str, measured: int) -> tuple[str, tuple[str, ...]]:
+    """What a load of ``name`` that measured ``measured`` bytes does, while it is charged its claim.
+
+    ``("keep", ())``: charge it the measured size now (it fits in its charge and the memory that
+    is free and not promised to another load). ``("evict", victims)``: evict these idle models
+    first, then charge it. ``("retry", ())``: it does not fit now and evicting idle models would
+    not do (the others are running): unload it, and load it again once the plan finds room for
+    its size, now known. (Whether it can ever fit is the caller's check, with its reservations
+    and pinned models: :func:`fits_ever`.) Never an answer that charges more than the budget.
+    """
+    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0)
+    held = max(me.reserved, me.used + me.working, me.claim)
+    want = max(me.reserved, measured + me.working)
+    if want <= held + free_now(snapshot):
+        return "keep", ()
+    others = [s for s in snapshot.slots if s.name != name]
+    victims = choose_victims(others, want - held - free_bytes(snapshot), requester=me)
+    return ("evict", victims) if victims else ("retry", ())
 
 
 def route_to_cpu(fallback: str | None, fits_ever: bool, fits_now: bool) -> bool:

@@ -44,7 +44,7 @@ class _Dispatch:
                 started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
                 working=s.working_charged, next_working=self._next_working_locked(s), sm_share=s.sm_share,
-                run_cost=s.run_cost,
+                run_cost=s.run_cost, size_known=s.size_source != "auto",
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params(),
                                concurrency=self.trace.stats.real_concurrency())

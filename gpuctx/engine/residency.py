@@ -18,20 +18,23 @@ from ..units import format_size
 from .execute import _drop_frames
 from .registry import _warn_at
 from .spec import _Frame, _current
-from .state import _resolve, slot_to
+from .state import _QUEUED, _WAITING, _resolve, slot_to
 
 
 class _Residency:
     """Mixin of :class:`gpuctx.engine.Scheduler`; see the module docstring."""
 
     def _make_resident(self, slot: Slot) -> bool:
-        """Load, restore, or (for a label) just charge ``slot``; False if it failed (tasks already failed)."""
+        """Load, restore, or (for a label) just charge ``slot``; False if it failed (tasks already
+        failed) or if its measured size does not fit now (unloaded again, its tasks still queued)."""
         with self._cond:
             if slot.state == policy.RESIDENT:
                 return True
             size = slot.size
-            if slot.size_source == "auto" and slot.loads == 0:
-                size = policy.auto_size_claim(self._snapshot_locked(), slot.name)
+            if slot.size_source == "auto":   # not measured yet: what the plan let it claim, and what came free since
+                snap = self._snapshot_locked()
+                claim = policy.auto_size_claim(snap, slot.name, free=policy.free_now(snap))
+                size = claim if claim is not None else 0   # (None: another is measured; the plan starts one at a time)
                 if self._share is not None:   # before it is measured, only what no other kernel holds
                     size = min(size, self._share.free())
         share = self._share
@@ -78,7 +81,7 @@ class _Residency:
         finally:
             _current.reset(token)
         dt = self._clock() - t0
-        warn, victims = None, ()
+        warn, victims, unfit = None, (), None
         with self._cond:
             slot.obj = obj
             slot_to(slot, policy.RESIDENT)
@@ -88,17 +91,31 @@ class _Residency:
             if not was_offloaded and dt > 0 and size > 0:
                 rate = size / dt
                 self._load_rate = rate if self._load_rate is None else 0.5 * self._load_rate + 0.5 * rate
-            if measured is not None or slot.size_source == "auto":
-                warn, victims = self._apply_measured_locked(slot, measured)
+            unknown = slot.size_source == "auto"
+            if measured is not None or (unknown and not was_offloaded):
+                warn, victims, unfit = self._apply_measured_locked(slot, measured)
+        if victims:   # the measured size needs more than it claimed: its victims go first, then it is charged
+            for v in victims:
+                self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
+            with self._cond:
+                unfit = self._fit_measured_locked(slot, evict=False)[1]
+        with self._cond:
             nbytes = self._ledger.used.get(slot.name, 0)
             self.trace.record("restore" if was_offloaded else "load_end", model=slot.name, context=slot.name,
                               nbytes=nbytes, duration=dt, vram=self._ledger.committed())
+            if unknown and unfit is None:   # its size is known now: the loads that waited for it are planned
+                self._cond.notify_all()
+                self._dispatch_locked()
+        self._tell_residency("end", what, slot.name, nbytes, dt)
+        if unfit is not None:
+            obj = None   # the slot's reference is the only one left: the unload frees it
+            self._undo_unfit_load(slot, unfit)
+            if warn:
+                _warn_at(self._origins.get(slot.name), warn)
+            return False
         if self._share is not None and (nbytes != size or self._share is not share):
             # measured at load (the share is charged what it took), or a share joined meanwhile
             self._share_claim(slot.name, nbytes)
-        self._tell_residency("end", what, slot.name, nbytes, dt)
-        for v in victims:
-            self._evict_marked(self._slots[v], reason=f"room for {slot.name!r}'s measured size")
         if warn:
             _warn_at(self._origins.get(slot.name), warn)
         return True
@@ -122,31 +139,74 @@ class _Residency:
                 warnings.warn(f"gpuctx: residency listener {listener!r} raised {type(exc).__name__}: {exc}",
                               RuntimeWarning, stacklevel=2)
 
-    def _apply_measured_locked(self, slot: Slot, measured: int | None) -> tuple[str | None, tuple[str, ...]]:
-        """Count what the load really took; warn when the declaration was >10% low; evict to stay in budget."""
+    def _apply_measured_locked(self, slot: Slot, measured: int | None
+                               ) -> tuple[str | None, tuple[str, ...], str | BudgetError | None]:
+        """Count what the load really took; warn when the declaration was >10% low.
+
+        Returns (the warning, idle models to evict before the measured size is charged, and
+        why the load cannot be kept: a BudgetError when it can never fit, a reason when it does
+        not fit now; None when it is charged). The ledger never goes above the budget: the load
+        stays charged its claim until its victims are gone (:func:`gpuctx.policy.measured_fit`).
+        """
         if measured is None:   # "auto" on a device that cannot measure
-            self._ledger.grow(slot.name, 0)
+            self._ledger.activate(slot.name, 0)
             slot.size, slot.size_source = 0, "measured"
             return (f"model {slot.name!r}: vram='auto' cannot be measured on device {self._device.name!r}; "
-                    "counting 0 bytes (declare vram= to budget it)"), ()
+                    "counting 0 bytes (declare vram= to budget it)"), (), None
         warn = None
-        if slot.size_source != "auto" and measured > slot.size * 1.10:
+        auto = slot.size_source == "auto"
+        if not auto and measured > slot.size * 1.10:
             warn = (f"model {slot.name!r}: measured {format_size(measured)} at load, more than 10% above the declared "
                     f"vram={format_size(slot.size)}; using the measured size")
-        if slot.size_source == "auto" or measured > slot.size:
+        if auto or measured > slot.size:
             slot.size, slot.size_source = measured, "measured"
-        over = self._ledger.grow(slot.name, slot.size)
-        if not over:
-            return warn, ()
+        try:
+            what = f"model {slot.name!r} (vram='auto', measured at its first load)" if auto else \
+                f"model {slot.name!r} (measured at load)"
+            self._check_fits_locked(slot, slot.size, what=what)
+        except BudgetError as exc:
+            return warn, (), exc
+        victims, unfit = self._fit_measured_locked(slot, evict=True)
+        return warn, victims, unfit
+
+    def _fit_measured_locked(self, slot: Slot, evict: bool) -> tuple[tuple[str, ...], str | None]:
+        """Charge ``slot`` its measured size if it fits now; else (with ``evict``) mark the idle
+        models to evict first, its size claimed meanwhile so that no plan gives their memory
+        away; else say why it must be unloaded (it is loaded again once there is room)."""
+        if not evict:   # its victims are gone: the claim that kept their memory for it is what it takes now
+            self._ledger.claims.pop(slot.name, None)
         snap = self._snapshot_locked()
-        me = next(v for v in snap.slots if v.name == slot.name)
-        victims = policy.choose_victims(snap.slots, over, requester=me)
-        if victims is None:
-            return (warn + " " if warn else "") + (f"model {slot.name!r} took {format_size(measured)}: the budget is exceeded by "
-                                   f"{format_size(over)} and no idle model can be evicted"), ()
-        for v in victims:
-            self._mark_evicting_locked(self._slots[v], f"room for {slot.name!r}'s measured size")
-        return warn, victims
+        action, victims = policy.measured_fit(snap, slot.name, slot.size)
+        if action == "keep":
+            self._ledger.activate(slot.name, slot.size)
+            return (), None
+        if action == "evict" and evict:
+            self._ledger.claims[slot.name] = max(self._ledger.claims.get(slot.name, 0), slot.base, slot.size)
+            for v in victims:
+                self._mark_evicting_locked(self._slots[v], f"room for {slot.name!r}'s measured size")
+            return victims, None
+        return (), (f"measured {format_size(slot.size)} at load, {format_size(self._ledger.charge(slot.name))} "
+                    f"claimed and {format_size(policy.free_now(snap))} free of {format_size(self.budget)}, "
+                    "the rest in use: loaded again once there is room")
+
+    def _undo_unfit_load(self, slot: Slot, unfit: str | BudgetError) -> None:
+        """Unload a model whose measured size does not fit. Not now (``unfit`` a reason): its work
+        stays queued and the plan loads it again once there is room for its size, known now.
+        Never (a BudgetError): its work that has not started fails with it."""
+        never = isinstance(unfit, BudgetError)
+        reason = "measured above the budget" if never else unfit
+        with self._cond:
+            self._mark_evicting_locked(slot, reason)
+        self._evict_marked(slot, reason, keep_host_copy=not never)
+        if not never:
+            return
+        to_resolve: list = []
+        with self._cond:
+            for t in sorted(self._live, key=lambda t: t.id):
+                if t.model == slot.name and not t._on_cpu and t.state in (_WAITING, _QUEUED):
+                    self._fail_locked(t, unfit, to_resolve)
+            self._dispatch_locked()
+        _resolve(to_resolve)
 
     def _load_failed(self, slot: Slot, exc: BaseException, was_offloaded: bool) -> None:
         to_resolve: list = []
