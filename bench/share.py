@@ -33,7 +33,7 @@ MB = 10**6
 
 
 def _kernel(share: str, budget: int):
-    from test_share import Kernel   # the tests' driver of a worker process
+    from conftest import Kernel   # the tests' driver of a worker process
 
     return Kernel(share, budget)
 

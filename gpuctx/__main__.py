@@ -197,10 +197,14 @@ def _seconds_arg(text: str) -> float:
     return v
 
 
-def top(once: bool = False, interval: float = 1.0, window: float = 30.0, demo_clips: int | None = None) -> int:
-    """Draw the panel of this process's scheduler (``--demo``: while the stand-in pipeline runs)."""
+def top(once: bool = False, interval: float = 1.0, window: float = 30.0, demo_clips: int | None = None,
+        share: str | None = None) -> int:
+    """Draw the panel of this process's scheduler (``--demo``: while the stand-in pipeline runs), or of
+    share ``share``'s database, read-only (``--share``: this process does not join it)."""
     from gpuctx.panel import top as _top
 
+    if share is not None:
+        return _top(gpuctx.api.current_scheduler, once=once, interval=interval, window=window, share=share)
     if demo_clips is None:
         return _top(gpuctx.api.current_scheduler, once=once, interval=interval, window=window)
     gpuctx.reset()
@@ -213,6 +217,16 @@ def top(once: bool = False, interval: float = 1.0, window: float = 30.0, demo_cl
         return _top(gpuctx.api.current_scheduler, interval=interval, window=window)
     finally:
         gpuctx.shutdown(cancel_pending=True)
+
+
+def _share_name(text: str) -> str:
+    """argparse type of --share: a share's name (letters, digits, '.', '_', '-')."""
+    from gpuctx.share import check_name
+
+    try:
+        return check_name(text)
+    except gpuctx.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _device(text: str) -> str:
@@ -241,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("top", help="show the live panel in a terminal",
                        description="The dashboard's panel (budget, models, queues, loads, evictions, timeline) "
                                    "for this process's scheduler, redrawn until Ctrl-C. With --demo, the demo's "
-                                   "stand-in pipeline runs meanwhile, so there is something to watch.")
+                                   "stand-in pipeline runs meanwhile, so there is something to watch. With "
+                                   "--share NAME, a share's database, read without joining it.")
     t.add_argument("--once", action="store_true", help="print one frame and exit")
     t.add_argument("--interval", type=_seconds_arg, default=1.0, metavar="S",
                    help="seconds between frames (default: 1)")
@@ -249,9 +264,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of history in the timeline (default: 30)")
     t.add_argument("--demo", type=_positive, default=None, metavar="CLIPS",
                    help="run the demo pipeline with stand-in models on the CPU (CLIPS clips) while drawing")
+    t.add_argument("--share", type=_share_name, default=None, metavar="NAME",
+                   help="draw share NAME's database instead: its kernels, what each holds and is charged, "
+                        "requests and evictions asked; read-only, without joining the share")
     args = p.parse_args(argv)
     if args.cmd == "top":
-        return top(args.once, args.interval, args.window, args.demo)
+        if args.share is not None and args.demo is not None:
+            t.error("argument --share: not with --demo (a share's view reads the database, not this process)")
+        try:
+            return top(args.once, args.interval, args.window, args.demo, args.share)
+        except gpuctx.ShareError as exc:
+            t.exit(2, f"python -m gpuctx top: {exc}\n")
     largest = max(MODELS, key=MODELS.__getitem__)
     if args.budget < MODELS[largest] * GB:
         d.error(f"argument --budget: {format_size(args.budget)} cannot hold {largest} "

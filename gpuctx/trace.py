@@ -17,6 +17,7 @@ import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Iterable
 
 __all__ = ["Event", "Trace", "Stats", "StatsReport", "timeline", "row_labels", "export_chrome", "progress",
@@ -61,6 +62,15 @@ def _copy(items: Any) -> list:
     while True:
         try:
             return list(items)
+        except RuntimeError:   # mutated during the copy: take it again
+            continue
+
+
+def _newest(buf: deque, k: int) -> list:
+    """The ``k`` newest items of ``buf``, newest first, copied in one go (see ``_copy``)."""
+    while True:
+        try:
+            return list(islice(reversed(buf), k))
         except RuntimeError:   # mutated during the copy: take it again
             continue
 
@@ -388,6 +398,39 @@ class Trace:
             i -= 1
         return [Event(*e) for e in raw[i:] if e[0] >= t0]
 
+    def tail(self, mark: tuple | None, since: float) -> tuple[list[tuple], tuple | None, bool]:
+        """The kept events appended after ``mark``, for a view that follows the trace.
+
+        The cost is the number of new events (the walk starts at the newest), not the buffer's
+        length, so a view refreshed a few times a second never re-reads a whole burst.
+
+        Args:
+            mark: the mark a previous call returned (None the first time).
+            since: the oldest time wanted when the events cannot follow on from ``mark``.
+
+        Returns:
+            ``(events, mark, continued)``: ``events`` as raw tuples (``Event``'s fields in order;
+            ``Event(*e)`` makes one), oldest first, and the mark to pass next time. ``continued``
+            is True when the events follow on from ``mark``; False when there was no mark, or it
+            is no longer kept (more than ``capacity`` events since, a ``resize``, a ``clear``), or
+            the walk back reached events older than ``since`` first: then ``events`` are those
+            recorded at ``since`` or later, as :meth:`since` picks them, and the caller starts
+            again from them.
+        """
+        buf = self._events
+        cut = since - 1.0   # lock-free submits are recorded a moment late (see since())
+        k = 256
+        while True:
+            chunk = _newest(buf, k)   # newest first
+            for i, e in enumerate(chunk):
+                if e is mark:
+                    return chunk[i - 1::-1] if i else [], chunk[0], True
+                if e[0] < cut:
+                    return [x for x in reversed(chunk[:i]) if x[0] >= since], chunk[0], False
+            if len(chunk) < k:   # the whole buffer, and neither the mark nor an old event in it
+                return [x for x in reversed(chunk) if x[0] >= since], chunk[0] if chunk else None, False
+            k *= 8
+
     def residency(self) -> list[Event]:
         """The last loads, restores, evictions and OOM retries (up to 64), oldest first.
 
@@ -414,34 +457,79 @@ def _events_of(source: Trace | Iterable[Event]) -> list[Event]:
     return source.events if isinstance(source, Trace) else list(source)
 
 
+# Positions of an event's fields in the raw tuples the trace keeps (Event's fields, in order).
+_T, _KIND, _TASK, _NAME, _MODEL, _CTX, _STREAM, _NBYTES, _REASON, _VRAM, _DUR = range(11)
+_INSTANTS = frozenset(("unload", "offload", "evict", "oom_retry", "keep_alive"))
+
+
+class _Pairing:
+    """Pairs a trace's events into spans, one raw event at a time: the one implementation behind
+    the timeline, the Perfetto export and the dashboard (its lanes, kept between refreshes, and
+    its load lines).
+
+    ``feed`` returns what an event closes, or None:
+
+    - ``("task", start, end)``: a task's run; ``start`` is None when its start was not fed (it
+      began before the events seen);
+    - ``("load", model, t0, t1, kind, nbytes, duration)``: a load (``kind`` "load_end") or a
+      restore ended; ``t0`` is its ``load_start``, else the end less its duration;
+    - ``("instant", e)``: an unload, offload, eviction decision, OOM retry or keep-alive expiry.
+
+    ``starts`` (task id -> start) and ``loads`` (model -> load_start) are what is still open.
+    """
+
+    __slots__ = ("starts", "loads")
+
+    def __init__(self) -> None:
+        self.starts: dict[int, tuple] = {}
+        self.loads: dict[str, tuple] = {}
+
+    def feed(self, e: tuple) -> tuple | None:
+        """Account one raw event; returns the span or instant it closes (see the class)."""
+        kind = e[_KIND]
+        if kind == "start":
+            self.starts[e[_TASK]] = e
+        elif kind == "end":
+            return ("task", self.starts.pop(e[_TASK], None), e)
+        elif kind == "load_start":
+            self.loads[e[_MODEL]] = e
+        elif kind == "load_end" or kind == "restore":
+            s = self.loads.pop(e[_MODEL], None)
+            t0 = s[_T] if s is not None else e[_T] - (e[_DUR] or 0.0)
+            return ("load", e[_MODEL], t0, e[_T], kind, e[_NBYTES] or 0, e[_DUR])
+        elif kind in _INSTANTS:
+            if kind == "unload" or kind == "offload":
+                self.loads.pop(e[_MODEL], None)   # a failed load ends with an unload
+            return ("instant", e)
+        return None
+
+
 def _spans(events: list[Event]) -> tuple[list, list, list, dict]:
     """(task spans, load spans, instants, vram steps per model) from events."""
-    starts: dict[int, Event] = {}
-    loads: dict[str, Event] = {}
+    pairing = _Pairing()
     tasks, load_spans, instants = [], [], []
     vram: dict[str, list[tuple[float, int]]] = {}
     cur: dict[str, int] = {}
     for e in events:
-        if e.kind == "start":
-            starts[e.task] = e
-        elif e.kind == "end":
-            s = starts.pop(e.task, None)
+        out = pairing.feed(_fields(e))
+        if out is None:
+            continue
+        if out[0] == "task":
+            s, end = out[1], out[2]
             if s is not None:
-                tasks.append((s.context or s.model or "?", s.stream, s.model, s.t, e.t, s.name, e.reason))
-        elif e.kind == "load_start":
-            loads[e.model] = e
-        elif e.kind in ("load_end", "restore"):
-            s = loads.pop(e.model, None)
-            t0 = s.t if s is not None else e.t - (e.duration or 0.0)
-            load_spans.append((e.model, t0, e.t, e.kind))
-        elif e.kind in ("unload", "offload", "evict", "oom_retry", "keep_alive"):
+                tasks.append((s[_CTX] or s[_MODEL] or "?", s[_STREAM], s[_MODEL], s[_T], end[_T], s[_NAME],
+                              end[_REASON]))
+        elif out[0] == "load":
+            _, model, t0, t1, kind, nbytes, _dur = out
+            load_spans.append((model, t0, t1, kind))
+            if nbytes:
+                cur[model] = nbytes
+                vram.setdefault(model, []).append((t1, nbytes))
+        else:
             instants.append(e)
-        if e.kind in ("load_end", "restore") and e.nbytes:
-            cur[e.model] = e.nbytes
-            vram.setdefault(e.model, []).append((e.t, e.nbytes))
-        elif e.kind in ("unload", "offload") and e.model in cur:
-            cur.pop(e.model)
-            vram.setdefault(e.model, []).append((e.t, 0))
+            if e.kind in ("unload", "offload") and e.model in cur:
+                cur.pop(e.model)
+                vram.setdefault(e.model, []).append((e.t, 0))
     return tasks, load_spans, instants, vram
 
 

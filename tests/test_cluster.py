@@ -1,8 +1,9 @@
 """gpuctx on a local Ray cluster (CPU device, declared budgets): routing, data, faults, budgets.
 
-Ray starts once for the module (the slow part: ~10 s on the 2-core box); each test starts its
-own workers with ``configure(cluster="ray", ...)`` (about a second) so a killed worker does not
-leak into the next test. Waits on other processes poll with a deadline: nothing else exists
+Ray starts once for the module (the slow part: ~10 s on the 2-core box; the ``local_ray`` and
+``cluster`` fixtures are in conftest.py); each test starts its own workers with
+``configure(cluster="ray", ...)`` (about a second) so a killed worker does not leak into the next
+test. Waits on other processes poll with a deadline: nothing else exists
 across processes. The policy's routing rule is tested as a pure function at the end.
 """
 
@@ -25,33 +26,6 @@ from gpuctx.policy import WorkerView
 from gpuctx.status import Status as LocalStatus
 
 GB = 10**9
-ray = None   # imported by the fixture: the policy tests below run without ray installed
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    global ray
-    ray = pytest.importorskip("ray")
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the bodies travel by value, as a notebook's do
-    ray.init(num_cpus=2, resources={"gpuctx_vram_gb": 32}, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, configure_logging=False)
-    yield
-    gpuctx.reset()
-    ray.shutdown()
-
-
-@pytest.fixture
-def cluster(local_ray):
-    def start(workers: int = 3, budget: str = "8GB") -> None:
-        gpuctx.reset()
-        gpuctx.configure(cluster="ray", workers=workers, budget=budget, device="cpu")
-
-    yield start
-    gpuctx.reset()
-
-
 def _until(cond, what: str, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while not cond():
@@ -163,7 +137,8 @@ def test_calls_go_to_the_worker_where_their_model_is_resident(cluster, tmp_path)
     assert all(lane.startswith(home) for lane in lanes)
 
 
-def test_a_cross_worker_dependency_travels_as_an_object_ref_not_through_the_driver(cluster, tmp_path):
+def test_a_cross_worker_dependency_travels_as_an_object_ref_not_through_the_driver(cluster, local_ray, tmp_path):
+    ray = local_ray
     cluster(workers=2)
     log = tmp_path / "unpickled"
     log.write_text("")
@@ -224,7 +199,8 @@ def test_a_model_larger_than_every_worker_fails_at_submit_with_the_largest_budge
         f()
 
 
-def test_a_killed_worker_fails_its_running_task_moves_its_queue_and_retries_when_allowed(cluster, tmp_path):
+def test_a_killed_worker_fails_its_running_task_moves_its_queue_and_retries_when_allowed(cluster, local_ray, tmp_path):
+    ray = local_ray
     cluster(workers=3)
     flag = tmp_path / "ran-once"
 

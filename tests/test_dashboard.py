@@ -17,57 +17,12 @@ from gpuctx.__main__ import main
 from gpuctx.device.cpu import CpuDevice
 from gpuctx.trace import LoadBars
 
-TIMEOUT = 10
-
-
-def model_line(d: panel.Dashboard | panel.Panel, name: str) -> panel.ModelLine | None:
-    p = d.panel if isinstance(d, panel.Dashboard) else d
-    return next((m for m in p.models if m.name == name), None)
-
-
-def wait_for(d: panel.Dashboard, pred) -> None:
-    """Block until a refresh sent by the dashboard's own thread shows ``pred(d.panel)``."""
-    seen = threading.Event()
-
-    def check(_change=None):
-        if pred(d.panel):
-            seen.set()
-
-    d.widget.observe(check, names="value")
-    check()
-    try:
-        assert seen.wait(TIMEOUT), panel.render_text(d.panel)
-    finally:
-        d.widget.unobserve(check, names="value")
-
-
-def count_sends(d: panel.Dashboard) -> list:
-    """Record every message the widget sends to the frontend (its comm's ``send``)."""
-    sent: list = []
-    comm = d.widget.comm
-    real = comm.send
-
-    def send(*args, **kwargs):
-        sent.append(kwargs.get("data", args[0] if args else None))
-        return real(*args, **kwargs)
-
-    comm.send = send
-    return sent
+from dash_helpers import TIMEOUT, count_sends, model_line, wait_for
 
 
 @pytest.fixture
-def board(fresh):
-    pytest.importorskip("ipywidgets")   # the `notebook` extra; the `test` extra installs it
-    made: list[panel.Dashboard] = []
-
-    def make(**kw) -> panel.Dashboard:
-        d = gpuctx.dashboard(**kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
+def board(fresh, dashboards):
+    return dashboards
 
 
 def test_the_widget_follows_running_queued_and_finished_tasks_from_its_own_thread(board, gate):

@@ -1,18 +1,16 @@
 """A budget shared by several kernels (gpuctx.share): real processes on the CPU device, one share.
 
-Cross-process work has no event to wait on, so these tests poll the share's database (or a
+The ``share_dir`` and ``kernels`` fixtures (kernels in other processes, tests/share_worker.py) are in
+conftest.py. Cross-process work has no event to wait on, so these tests poll the share's database (or a
 worker's answers) with a deadline; nothing sleeps to wait for a thread of this process.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,55 +21,7 @@ from gpuctx import policy
 from gpuctx.share import STALE, HEARTBEAT, share_path
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORKER = str(ROOT / "tests" / "share_worker.py")
 MB = 10**6
-
-
-@pytest.fixture
-def share_dir(tmp_path, monkeypatch):
-    d = tmp_path / "shares"
-    monkeypatch.setenv("GPUCTX_SHARE_DIR", str(d))
-    gpuctx.reset()
-    yield d
-    gpuctx.reset()
-
-
-class Kernel:
-    """A worker process in the share: send a command, read its answer."""
-
-    def __init__(self, share: str, budget: int, env: dict | None = None) -> None:
-        e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-        self.p = subprocess.Popen([sys.executable, WORKER, share, str(budget)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=e, cwd=str(ROOT))
-        self.pid = json.loads(self.p.stdout.readline())["pid"]
-
-    def __call__(self, op: str, **kw) -> dict:
-        self.p.stdin.write(json.dumps(dict(op=op, **kw)) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        assert line, f"worker {self.pid} died"
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self("exit")
-            self.p.wait(30)
-
-
-@pytest.fixture
-def kernels():
-    made: list[Kernel] = []
-
-    def make(share: str, budget: int, **kw) -> Kernel:
-        k = Kernel(share, budget, **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        if k.p.poll() is None:
-            k.p.kill()
-            k.p.wait(10)
 
 
 def _db(share: str) -> sqlite3.Connection:

@@ -35,7 +35,7 @@ from ..errors import BudgetError, ConfigError, DependencyError, SchedulerClosed,
 from ..task import Task, TaskState
 from ..trace import Event, StatsReport
 from ..units import format_size, parse_size
-from ._worker import GpuWorker
+from ._worker import _READERS, GpuWorker
 
 __all__ = ["ClusterScheduler", "ClusterTask"]
 
@@ -113,6 +113,7 @@ class ClusterScheduler:
         self._live: dict[int, ClusterTask] = {}
         self._fn_live: dict[Any, set] = {}
         self._counts = {"cross_worker": 0, "cross_worker_bytes": 0, "moved": 0, "retried": 0}
+        self._observers: dict[str, tuple[dict, dict]] = {}   # observe(): per dashboard reader
         self._closed = False
         try:
             self._workers = self._start_workers(config)
@@ -350,7 +351,7 @@ class ClusterScheduler:
         try:
             info = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self._lose(task.worker, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            self._lose(task.worker, _why(exc))
             return
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
@@ -463,19 +464,74 @@ class ClusterScheduler:
             holds = ray.get([w.actor.holds.remote() for w in live], timeout=10)
         except Exception:  # noqa: BLE001 - a worker died while asked: shown by its next call
             holds = [None] * len(live)
-        rows = []
         fresh = dict(zip((w.name for w in live), holds))
         with self._lock:
             for w in self._workers:
                 h = fresh.get(w.name)
                 if h is not None:
                     w.holds = {m: (st, size, load_s, busy) for m, st, size, load_s, busy in h}
-                resident = tuple((m, v[1]) for m, v in sorted(w.holds.items())
-                                 if v[0] in (policy.RESIDENT, policy.LOADING))
-                running = sum(1 for t in w.tasks.values() if t.state is TaskState.RUNNING)
-                rows.append(dict(name=w.name, device=w.device, budget=w.budget, alive=w.alive, lost=w.lost,
-                                 resident=resident, queued=len(w.tasks) - running, running=running))
-        return rows
+            return [self._row_locked(w) for w in self._workers]
+
+    def _row_locked(self, w: _Worker) -> dict:
+        """Worker ``w``'s row from what the driver knows (its last report of what it holds; the calls sent to it)."""
+        resident = tuple((m, v[1]) for m, v in sorted(w.holds.items()) if v[0] in (policy.RESIDENT, policy.LOADING))
+        running = sum(1 for t in w.tasks.values() if t.state is TaskState.RUNNING)
+        return dict(name=w.name, device=w.device, budget=w.budget, alive=w.alive, lost=w.lost,
+                    resident=resident, queued=len(w.tasks) - running, running=running)
+
+    def observe(self, reader: str, window: float, patience: float = 0.0) -> list[tuple[dict, Any]]:
+        """A row per worker (as `workers` gives, from what the driver knows) with that worker's
+        last dashboard panel for ``reader`` (a `gpuctx.panel.Panel`; None before its first).
+
+        Never blocks for long: each live worker is asked for a fresh panel only when this reader's
+        last request to it has been answered (one in flight per worker and reader), and the
+        answers are waited for at most ``patience`` seconds; one that comes later serves the next
+        call. Each worker keeps the reader's timeline and reads only its new trace events, so an
+        answer is small whatever ran. A worker found dead while asked is marked lost, as a call's
+        loss would. The last ``_READERS`` readers are kept.
+
+        Args:
+            reader: the reader's name (`gpuctx.panel.PanelReader.key`).
+            window: seconds of timeline the panels cover.
+            patience: the most seconds to wait for the answers (0: take only those already in).
+
+        Returns:
+            ``(row, panel)`` per worker, in the workers' order.
+        """
+        import ray
+
+        with self._lock:
+            seen = self._observers.pop(reader, None) or ({}, {})   # (worker -> ref in flight, worker -> panel)
+            self._observers[reader] = seen                         # the most recent last
+            while len(self._observers) > _READERS:
+                self._observers.pop(next(iter(self._observers)))
+            flights, panels = seen
+            for w in self._workers:
+                if w.alive and w.name not in flights:
+                    flights[w.name] = w.actor.panel.remote(reader, window)
+            asked = list(flights.items())
+        refs = [ref for _, ref in asked]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=patience)[0]) if refs else set()
+        lost = []
+        for name, ref in asked:
+            if ref not in ready:
+                continue
+            panel = None
+            try:
+                panel = ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as exc:
+                lost.append((name, _why(exc)))
+            except Exception:  # noqa: BLE001 - one bad reading: the last panel stays, the next call asks again
+                pass
+            with self._lock:
+                if flights.get(name) is ref:
+                    del flights[name]
+                if panel is not None:
+                    panels[name] = panel
+        for name, reason in lost:
+            self._lose(name, reason)
+        with self._lock:
+            return [(self._row_locked(w), panels.get(w.name) if w.alive else None) for w in self._workers]
 
     def events(self) -> list[Event]:
         """Every worker's trace events on one clock (wall time), each lane named ``worker/model``,
@@ -566,6 +622,11 @@ class ClusterScheduler:
         self._watcher.join(timeout=5)
         if self._own_ray:
             ray.shutdown()
+
+
+def _why(exc: BaseException) -> str:
+    """Why a worker was lost, in one line, from Ray's error."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def _resolve(ends: list) -> None:

@@ -28,6 +28,8 @@ from ..errors import DependencyError
 
 __all__ = ["GpuWorker"]
 
+_READERS = 8   # dashboards (and tops) of the driver whose timelines a worker keeps
+
 
 def _is_ref(x: Any) -> bool:
     import ray
@@ -53,6 +55,7 @@ class GpuWorker:
         self._calls: dict[int, tuple[asyncio.Future, asyncio.Future]] = {}
         self._watched: dict[Callable, Callable] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: dict[str, Any] = {}   # the driver's dashboard readers: their timelines, kept here
 
     # -- registrations (the driver replays them to every worker) ---------------------------
     def register_model(self, name: str, kw: dict) -> None:
@@ -136,6 +139,23 @@ class GpuWorker:
     def events(self) -> tuple[float, list]:
         """(wall time minus this engine's clock, the trace's events), for the driver's timeline."""
         return time.time() - time.perf_counter(), self.sched.trace.events
+
+    def panel(self, reader: str, window: float) -> Any:
+        """This engine's dashboard panel (a `gpuctx.panel.Panel`) for the driver's reader ``reader``.
+
+        The reader's timeline is kept here between calls, so each call reads only the trace events
+        new since its last one and sends a panel of bounded size (``COLUMNS`` cells per lane), however
+        many tasks ran meanwhile. The last ``_READERS`` readers are kept.
+        """
+        from ..panel import PanelReader
+
+        r = self._readers.pop(reader, None)
+        if r is None or r.window != window:
+            r = PanelReader(lambda: self.sched, window)
+        self._readers[reader] = r              # the most recent last
+        while len(self._readers) > _READERS:
+            self._readers.pop(next(iter(self._readers)))
+        return r.read()
 
     def shutdown(self) -> None:
         """Stop the engine, unloading every model."""
