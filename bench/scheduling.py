@@ -25,7 +25,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
