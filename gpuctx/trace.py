@@ -167,6 +167,21 @@ class Stats:
 
     def _run_ended(self, started: float, ended: float, model: str | None = None) -> None:
         self._open -= 1
+        if self._open <= 0 and not self._period:   # a run alone (the serial case): _fold's result, without its sweep
+            self._open = 0
+            run = ended - started
+            if ended > self._cut:
+                self.busy_seconds += ended - (started if started > self._cut else self._cut)
+                self._cut = ended
+            self.run_seconds += run
+            solo = self._solo.get(model)
+            if solo is None:
+                solo = self._solo[model] = [0.0, 0]
+            solo[0] += run
+            solo[1] += 1
+            self._runs[model] = self._runs.get(model, 0) + 1
+            self._apparent[model] = self._apparent.get(model, 0.0) + run
+            return
         self._period.append((started, ended, model))
         if self._open <= 0 or len(self._period) >= 64:   # a long busy period is folded in pieces
             self._fold()

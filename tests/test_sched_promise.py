@@ -173,6 +173,46 @@ def test_runs_that_look_concurrent_but_were_serialised_measure_as_serial():
     assert _trace([("x", 0.0, 1.0), ("y", 2.0, 3.0)]).stats.real_concurrency() is None   # never concurrent
 
 
+def test_a_run_alone_is_counted_as_the_sweep_counts_it():
+    # a run that ends with nothing else open skips _fold's sweep: the totals must be the sweep's
+    import random
+
+    rng = random.Random(7)
+    # and a long run still open when 64 short ones were folded in a piece: it ends alone, after the cut
+    cases = [[("x", 0.0, 100.0)] + [("y", float(i), i + 0.5) for i in range(1, 65)]]
+    for _ in range(50):
+        runs, t = [], 0.0
+        for _ in range(rng.randint(1, 150)):
+            t += rng.choice((0.0, 0.3, 1.5))                  # back to back, overlapping, or apart
+            runs.append((rng.choice("xyz"), t, t + rng.uniform(0.1, 2.0)))
+        cases.append(runs)
+    for runs in cases:
+        fast = _trace(runs).stats
+        slow = _trace_swept(runs).stats
+        for key in ("run_seconds", "busy_seconds", "overlap_seconds", "concurrency", "effective_concurrency"):
+            assert abs(fast.overlap()[key] - slow.overlap()[key]) < 1e-9, (key, runs)
+        assert fast._solo == slow._solo and fast._runs == slow._runs
+        assert fast.real_concurrency() == slow.real_concurrency()
+
+
+def _trace_swept(runs) -> Trace:
+    from gpuctx.trace import Stats
+
+    class Swept(Stats):
+        def _run_ended(self, started, ended, model=None):
+            self._open -= 1
+            self._period.append((started, ended, model))
+            if self._open <= 0 or len(self._period) >= 64:
+                self._fold()
+
+    import gpuctx.trace as tr_mod
+    saved, tr_mod.Stats = tr_mod.Stats, Swept
+    try:
+        return _trace(runs)
+    finally:
+        tr_mod.Stats = saved
+
+
 def _three_small(serial: bool):
     models = [SimModel(n, 1 * G, 0.5) for n in "xyz"]
     tasks = [SimTask(i, "xyz"[i % 3], 0.0, 0.2 + 0.1 * (i % 2)) for i in range(30)] + \
