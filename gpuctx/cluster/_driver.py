@@ -161,6 +161,18 @@ class ClusterScheduler:
         devices = ray.get([a.device.remote() for a in actors])
         return [_Worker(f"w{i}", a, b, d) for i, (a, b, d) in enumerate(zip(actors, budgets, devices))]
 
+    def _poll(self, method: str, timeout: float) -> list[tuple[_Worker, Any]]:
+        """(worker, its answer to ``method``) for each live worker; every answer None when one of
+        them died or did not answer within ``timeout`` seconds (each caller keeps what it had)."""
+        import ray
+
+        live = [w for w in self._workers if w.alive]
+        try:
+            answers = ray.get([getattr(w.actor, method).remote() for w in live], timeout=timeout)
+        except Exception:  # noqa: BLE001 - a worker died while asked, or was slow: nothing fresh this time
+            answers = [None] * len(live)
+        return list(zip(live, answers))
+
     # ------------------------------------------------------------------ registrations
     def _broadcast(self, method: str, *args: Any) -> list:
         import ray
@@ -457,14 +469,7 @@ class ClusterScheduler:
 
     def workers(self) -> list[dict]:
         """A row per worker (name, device, budget, alive, lost, resident, queued, running)."""
-        import ray
-
-        live = [w for w in self._workers if w.alive]
-        try:
-            holds = ray.get([w.actor.holds.remote() for w in live], timeout=10)
-        except Exception:  # noqa: BLE001 - a worker died while asked: shown by its next call
-            holds = [None] * len(live)
-        fresh = dict(zip((w.name for w in live), holds))
+        fresh = {w.name: h for w, h in self._poll("holds", 10)}   # a worker that died: shown by its next call
         with self._lock:
             for w in self._workers:
                 h = fresh.get(w.name)
@@ -536,15 +541,9 @@ class ClusterScheduler:
     def events(self) -> list[Event]:
         """Every worker's trace events on one clock (wall time), each lane named ``worker/model``,
         for `gpuctx.timeline` and `gpuctx.export_trace` (a lost worker's: the last ones fetched)."""
-        import ray
-
-        live = [w for w in self._workers if w.alive]
-        try:
-            fresh = ray.get([w.actor.events.remote() for w in live], timeout=30)
-        except Exception:  # noqa: BLE001 - a worker died while asked: keep what it gave last
-            fresh = [w.events for w in live]
-        for w, ev in zip(live, fresh):
-            w.events = ev
+        for w, ev in self._poll("events", 30):
+            if ev is not None:   # else keep what it gave last
+                w.events = ev
         out = []
         for w in self._workers:
             offset, events = w.events or (0.0, [])
@@ -563,15 +562,9 @@ class ClusterScheduler:
         """The sums over the workers, as on one process, plus ``workers`` (each worker's own stats,
         with ``lost``: why it was lost, or None) and ``cluster`` (cross-worker transfers and bytes,
         tasks moved off a lost worker before they started, tasks retried after one)."""
-        import ray
-
-        live = [w for w in self._workers if w.alive]
-        try:
-            fresh = ray.get([w.actor.stats.remote() for w in live], timeout=10)
-        except Exception:  # noqa: BLE001 - a worker died while asked: keep what it said last
-            fresh = [w.stats for w in live]
-        for w, st in zip(live, fresh):
-            w.stats = st
+        for w, st in self._poll("stats", 10):
+            if st is not None:   # else keep what it said last
+                w.stats = st
         per = {w.name: dict(w.stats, lost=w.lost) for w in self._workers}
         models: dict[str, dict] = {}
         for st in per.values():
