@@ -68,6 +68,11 @@ def test_parallel_first_loads_of_auto_models_never_exceed_the_budget(small):
     for n in names:
         gpuctx.model(n, vram="auto")(loads.loader(n))
     tasks = [_task(n)() for n in names]   # submitted together, while the first load is under way
+    _until(lambda: len(loads.calls) == 1, "the first load to start")
+    sched = gpuctx.scheduler()
+    for _ in range(3):   # reads while it loads change nothing: still one load, nothing else claimed
+        text = str(gpuctx.status()) + str(gpuctx.stats()) + str(sched.snapshot()) + str(sched.available())
+        assert len(loads.calls) == 1 and sched.committed() <= sched.budget, text
     loads.gate.set()
     assert [t.result(TIMEOUT) for t in tasks] == [PARAM_BYTES // 4] * 3
     sched = gpuctx.scheduler()
@@ -133,16 +138,18 @@ def test_an_auto_model_that_does_not_fit_beside_running_work_is_unloaded_and_loa
     assert "measured 700 kB at load" in reason and "loaded again once there is room" in reason
 
 
-def test_a_failed_first_load_releases_its_claim_and_the_waiting_first_load_goes_on(small):
+@pytest.mark.parametrize("error", [RuntimeError("no weights"), KeyboardInterrupt(), SystemExit(3)],
+                         ids=["exception", "ctrl-c", "exit"])
+def test_a_failed_first_load_releases_its_claim_and_the_waiting_first_load_goes_on(small, error):
     loads = _Loads()
-    gpuctx.model("a", vram="auto")(loads.loader("a", fail=RuntimeError("no weights")))
+    gpuctx.model("a", vram="auto")(loads.loader("a", fail=error))
     gpuctx.model("b", vram="auto")(loads.loader("b"))
     ta, tb = _task("a")(), _task("b")()
     sched = gpuctx.scheduler()
     _until(lambda: loads.calls == ["a"], "a's load to start")
     assert sched.slot("b").state == "absent" and not sched.slot("b").busy   # b waits for a's size
     loads.gate.set()
-    with pytest.raises(gpuctx.errors.ModelLoadError, match="'a': loader raised RuntimeError: no weights"):
+    with pytest.raises(gpuctx.errors.ModelLoadError, match=f"'a': loader raised {type(error).__name__}"):
         ta.result(TIMEOUT)
     assert tb.result(TIMEOUT) == PARAM_BYTES // 4
     assert loads.most_at_once == 1
