@@ -224,7 +224,7 @@ def _share_name(text: str) -> str:
     from gpuctx.share import check_name
 
     try:
-        return check_name(text)
+        return check_name(text, configure=False)
     except gpuctx.ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -108,7 +108,9 @@ def test_a_share_nobody_joined_is_an_error_and_reading_it_creates_nothing(share_
     assert not share_dir.exists()                           # neither the directory nor the file was made
     with pytest.raises(SystemExit):
         main(["top", "--share", "../etc", "--once"])
-    assert "no path characters" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "share='../etc'" in err and "no path characters" in err
+    assert "True for the default share" not in err          # configure()'s alternatives mean nothing here
     with pytest.raises(SystemExit):
         main(["top", "--share", "lab", "--demo", "2"])
     assert "not with --demo" in capsys.readouterr().err

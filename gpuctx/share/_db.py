@@ -58,12 +58,14 @@ CREATE TABLE IF NOT EXISTS evictions(kernel INTEGER NOT NULL, model TEXT NOT NUL
 """
 
 
-def check_name(name: object) -> str:
-    """``name`` if it can name a share file (letters, digits, ``.``, ``_``, ``-``); ConfigError if not."""
+def check_name(name: object, configure: bool = True) -> str:
+    """``name`` if it can name a share file (letters, digits, ``.``, ``_``, ``-``); ConfigError if
+    not, saying what else ``configure(share=...)`` takes when ``configure`` (not on a command line)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"share={name!r}: expected a name of letters, digits, '.', '_' or '-' (1-100 characters, starting "
-            "with a letter or digit, no path characters such as '/' or '..'), True for the default share, or False to work alone")
+            "with a letter or digit, no path characters such as '/' or '..')"
+            + (", True for the default share, or False to work alone" if configure else ""))
     return name
 
 
