@@ -126,10 +126,9 @@ class Slot:
     pending: int = 0
     loads: int = 0
     resident_fraction: float | None = None   # of a partial model as last placed (None: not partial)
-    # For the policy's quantum (see policy.stepped_aside), kept by Scheduler._snapshot_locked:
-    # the wait's start and the time as last seen idle, and when the running group started.
+    # For the policy's quantum (see policy.stepped_aside), set when a group starts (the engine's
+    # _mark_busy_locked) and read while it runs: when its wait began, and when it started.
     waiting_since: float = 0.0
-    seen_idle: float = 0.0
     group_start: float | None = None
     _heap: list = field(default_factory=list)
     _fifo: deque = field(default_factory=deque)

@@ -186,8 +186,11 @@ class Panel:
 
 def _local(sched: Any, window: float, follower: Follower) -> Panel:
     """This process's scheduler's panel, its timeline from ``follower`` (new events only)."""
-    st = Status.of(sched)
     trace = sched.trace
+    # The ended counts before the status: a task counted ended has left the live tasks by the
+    # time the status lists them, so a panel never shows every task done with some still live.
+    done, failed = trace.stats.tasks, trace.stats.failed
+    st = Status.of(sched)
     now = trace.now()
     waiting: dict[str, float] = {}
     running: dict[str, int] = {}
@@ -202,12 +205,11 @@ def _local(sched: Any, window: float, follower: Follower) -> Panel:
                   running.get(m.name, 0), (now - waiting[m.name]) if m.name in waiting else None,
                   i % len(_PALETTE))
         for i, m in enumerate(st.models))
-    totals = trace.stats   # the running counts only: as_dict() would sort every wait sample each refresh
     loads, evictions = _residency(trace.residency(), now)
     order = {m.name: i for i, m in enumerate(models)}
     lanes = tuple(Lane(ctx, cells) for ctx, cells in follower.rows(now, order))
     return Panel(st.device, st.budget, st.committed, st.healthy, st.problems, models, len(st.tasks),
-                 sum(running.values()), totals.tasks, totals.failed, loads, evictions, lanes, window,
+                 sum(running.values()), done, failed, loads, evictions, lanes, window,
                  _peers(st))
 
 

@@ -121,3 +121,31 @@ def test_equal_priority_waiting_group_does_not_pre_empt_a_running_backlog(fresh,
     assert order == [("a", i) for i in range(10)] + [("b", i) for i in range(10)]
     assert loads(log) == ["a", "b"]
 
+
+
+def test_reading_the_scheduler_writes_nothing_the_policy_reads(fresh, gate):
+    # status(), a snapshot, the free bytes: reads from a notebook, a dashboard or a cluster's poll
+    # must not move the quantum's bookkeeping (a group's start, a wait's start), or how often
+    # someone looks would change what the policy decides.
+    log = []
+    models(log, {"a": "3GB", "b": "3GB"})
+    hold, began = gate(), threading.Event()
+    run_a = gpuctx.gpu_task(model="a", name="run_a")(lambda: began.set() or hold.wait(TIMEOUT))
+    use_b = gpuctx.gpu_task(model="b", name="use_b")(lambda: "b")
+    assert use_b().result(TIMEOUT) == "b"   # b is loaded and idle, nothing queued
+    running = run_a()
+    sched = gpuctx.scheduler()
+    assert began.wait(TIMEOUT), "run_a never started"
+    fields = ("busy", "group_start", "waiting_since", "last_used")
+    before = {n: tuple(getattr(sched.slot(n), f) for f in fields) for n in ("a", "b")}
+    views = []
+    for _ in range(50):
+        gpuctx.status()
+        sched.available()
+        views.append({v.name: v for v in sched.snapshot().slots})
+    after = {n: tuple(getattr(sched.slot(n), f) for f in fields) for n in ("a", "b")}
+    assert after == before
+    assert all(v["a"].started == before["a"][1] is not None for v in views)   # the running group's start, as kept
+    assert all(v["b"].started is None for v in views)                          # b is idle
+    hold.set()
+    assert running.result(TIMEOUT) is True

@@ -26,28 +26,36 @@ class _Dispatch:
             ready_at = oldest._ready_at if oldest is not None else now
             # The policy's quantum: an idle slot's wait starts at the later of its oldest ready
             # task and the end of its last group; a busy one keeps the wait it had when its group
-            # started. _dispatch_locked snapshots right before it marks a slot busy, so the first
-            # busy snapshot dates the group's start to that last idle look.
+            # started (_mark_busy_locked). Nothing is written here: a read (status, a dashboard,
+            # a cluster's poll) never moves a decision.
             if s.busy:
-                if s.group_start is None:
-                    s.group_start = s.seen_idle
+                waiting_since, started = s.waiting_since, s.group_start
             else:
-                s.group_start, s.seen_idle = None, now
-                s.waiting_since = max(ready_at, s.last_used) if oldest is not None else now
+                waiting_since, started = _wait_start(s, oldest, now), None
             views.append(policy.SlotView(
                 name=s.name, size=s.size, state=s.state, used=self._ledger.used.get(s.name, 0),
                 reserved=self._ledger.reserved.get(s.name, 0), claim=self._ledger.claims.get(s.name, 0),
                 busy=s.busy, pinned=s.pin, priority=s.priority, qos=s.qos, last_used=s.last_used,
                 load_cost=s.load_cost if s.loads else policy.estimated_load_cost(s.size, self._load_rate),
                 queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
-                oldest=ready_at, unload_cost=s.unload_cost, waiting_since=s.waiting_since,
-                started=s.group_start, next_use=policy.next_use(s.queued, s.pending),
+                oldest=ready_at, unload_cost=s.unload_cost, waiting_since=waiting_since,
+                started=started, next_use=policy.next_use(s.queued, s.pending),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
                 working=s.working_charged, next_working=self._next_working_locked(s), sm_share=s.sm_share,
                 run_cost=s.run_cost, size_known=s.size_source != "auto",
             ))
         return policy.Snapshot(now=now, budget=self.budget, slots=tuple(views), params=self.params(),
                                concurrency=self.trace.stats.real_concurrency())
+
+    def _mark_busy_locked(self, slot: Slot, now: float, waiting_since: float | None = None) -> None:
+        """``slot``'s group starts at ``now``: the quantum counts from here, and the wait it had
+        (``waiting_since``; by default as an idle snapshot would date it now) is kept while it runs."""
+        slot.busy = True
+        slot.group_start = now
+        if waiting_since is None:
+            oldest = slot.oldest_queued() if slot.queued else None
+            waiting_since = _wait_start(slot, oldest, now)
+        slot.waiting_since = waiting_since
 
     def _dispatch_locked(self) -> None:
         if self._closed and (self._stopped or not self._live):
@@ -66,7 +74,7 @@ class _Dispatch:
             self._hk_wake.set()
         for start in starts:
             slot = self._slots[start.slot]
-            slot.busy = True
+            self._mark_busy_locked(slot, snap.now, views[start.slot].waiting_since)
             for v in start.evict:
                 victim = self._slots[v]
                 self._mark_evicting_locked(victim, f"room for {start.slot!r}: {policy.victim_reason(views[v])}")
@@ -75,7 +83,7 @@ class _Dispatch:
             self._worker(slot.name).put((_GROUP, start.evict, start.need))
         ahead = policy.prefetch(snap, starts) if self.config.prefetch else None
         if ahead is not None:   # load a model whose work waits on running tasks, while they run
-            self._slots[ahead.slot].busy = True
+            self._mark_busy_locked(self._slots[ahead.slot], snap.now, views[ahead.slot].waiting_since)
             self._ledger.claims[ahead.slot] = ahead.need
             self._worker(ahead.slot).put((_PREFETCH, (), ahead.need))
         self._cond.notify_all()
@@ -96,3 +104,9 @@ class _Dispatch:
             if s.queued and not s.busy and s is not slot:
                 return True
         return False
+
+
+def _wait_start(slot: Slot, oldest: Any, now: float) -> float:
+    """When an idle slot's wait began: the later of its oldest ready task and its last use (now
+    when nothing is ready)."""
+    return max(oldest._ready_at, slot.last_used) if oldest is not None else now

@@ -169,7 +169,7 @@ class _Groups:
 
     def _begin_here_locked(self, slot: Slot, task: Task) -> Any:
         slot.pending -= 1
-        slot.busy = True
+        self._mark_busy_locked(slot, self._clock())
         self.trace.record("group_start", model=slot.name, context=slot.name)
         self._start_locked(slot.name, task)
         return slot.obj
