@@ -110,7 +110,7 @@ functions on a virtual clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "BEST_EFFORT",
@@ -232,6 +232,11 @@ def charge(s: SlotView) -> int:
     """Bytes the ledger counts for ``s`` for planning (evicting memory counts as gone)."""
     used = 0 if s.state == EVICTING else s.used
     return max(s.reserved, used + s.working, s.claim)
+
+
+def _view(snapshot: Snapshot, name: str, **missing: Any) -> SlotView:
+    """``name``'s view in ``snapshot``; a view of an empty slot (with ``missing``) if it has none."""
+    return next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0, **missing)
 
 
 def free_bytes(snapshot: Snapshot) -> int:
@@ -601,7 +606,7 @@ def auto_size_claim(snapshot: Snapshot, name: str, free: int | None = None,
     else takes memory while it loads. Once measured, its charge shrinks to the real size (or grows:
     :func:`measured_fit`) and the others go on. A model whose size is known is charged its size.
     """
-    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0, size_known=False)
+    me = _view(snapshot, name, size_known=False)
     if me.size_known:
         return max(me.reserved, me.size)
     also = set(starting)
@@ -622,8 +627,8 @@ def measured_fit(snapshot: Snapshot, name: str, measured: int) -> tuple[str, tup
     its size, now known. (Whether it can ever fit is the caller's check, with its reservations
     and pinned models: :func:`fits_ever`.) Never an answer that charges more than the budget.
     """
-    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0)
-    held = max(me.reserved, me.used + me.working, me.claim)
+    me = _view(snapshot, name)
+    held = _held_now(me)
     want = max(me.reserved, measured + me.working)
     if want <= held + free_now(snapshot):
         return "keep", ()
@@ -776,7 +781,12 @@ def working_extra(s: SlotView, working: int) -> int:
 
 def free_now(snapshot: Snapshot) -> int:
     """Budget minus every slot's charge, memory still being evicted included (what may be taken now)."""
-    return snapshot.budget - sum(max(s.reserved, s.used + s.working, s.claim) for s in snapshot.slots)
+    return snapshot.budget - sum(_held_now(s) for s in snapshot.slots)
+
+
+def _held_now(s: SlotView) -> int:
+    """What ``s`` holds of the budget now: its base, its bytes in use with its working memory, or its claim."""
+    return max(s.reserved, s.used + s.working, s.claim)
 
 
 def working_estimate(samples: Iterable[int]) -> int:
@@ -801,7 +811,7 @@ def admit_working(snapshot: Snapshot, name: str, working: int, ahead: Sequence[s
     to the plan, which can evict idle models or run the others first. When nothing else is
     running and nothing can be evicted, waiting would be forever: it starts with what is free.
     """
-    me = next((s for s in snapshot.slots if s.name == name), None) or SlotView(name=name, size=0)
+    me = _view(snapshot, name)
     free = free_now(snapshot)
     need = working_extra(me, working)
     if working <= 0:

@@ -49,7 +49,7 @@ def _fields(e: Event) -> tuple:
     return (e.t, e.kind, e.task, e.name, e.model, e.context, e.stream, e.nbytes, e.reason, e.vram, e.duration)
 
 
-def _copy(items: Any) -> list:
+def _copy(items: Any, newest: int | None = None) -> list:
     """A consistent list of ``items`` (a deque, or a dict's items) while other threads append.
 
     Recording takes no lock (it is one deque append per task event), so a reader must not
@@ -57,20 +57,12 @@ def _copy(items: Any) -> list:
     two items ("deque mutated during iteration", "dictionary changed size"). ``list()`` of a
     deque or of dict items runs in C without releasing the GIL, so it is one atomic copy;
     the retry covers interpreters where it is not (a free-threaded build, or a collection
-    that runs a finaliser mid-copy). Everything else works on the copy.
+    that runs a finaliser mid-copy). Everything else works on the copy. With ``newest``, only
+    the ``newest`` last items of a deque, newest first.
     """
     while True:
         try:
-            return list(items)
-        except RuntimeError:   # mutated during the copy: take it again
-            continue
-
-
-def _newest(buf: deque, k: int) -> list:
-    """The ``k`` newest items of ``buf``, newest first, copied in one go (see ``_copy``)."""
-    while True:
-        try:
-            return list(islice(reversed(buf), k))
+            return list(items) if newest is None else list(islice(reversed(items), newest))
         except RuntimeError:   # mutated during the copy: take it again
             continue
 
@@ -174,13 +166,7 @@ class Stats:
                 self.busy_seconds += ended - (started if started > self._cut else self._cut)
                 self._cut = ended
             self.run_seconds += run
-            solo = self._solo.get(model)
-            if solo is None:
-                solo = self._solo[model] = [0.0, 0]
-            solo[0] += run
-            solo[1] += 1
-            self._runs[model] = self._runs.get(model, 0) + 1
-            self._apparent[model] = self._apparent.get(model, 0.0) + run
+            self._count_run(model, run, alone=True)
             return
         self._period.append((started, ended, model))
         if self._open <= 0 or len(self._period) >= 64:   # a long busy period is folded in pieces
@@ -209,13 +195,17 @@ class Stats:
         reach = float("-inf")   # the latest end among the runs that started earlier
         for i, (a, b, model) in enumerate(runs):
             nxt = runs[i + 1][0] if i + 1 < len(runs) else float("inf")
-            if a >= reach and b <= nxt:   # nothing else ran meanwhile: its time alone
-                solo = self._solo.setdefault(model, [0.0, 0])
-                solo[0] += b - a
-                solo[1] += 1
-            self._runs[model] = self._runs.get(model, 0) + 1
-            self._apparent[model] = self._apparent.get(model, 0.0) + (b - a)
+            self._count_run(model, b - a, alone=a >= reach and b <= nxt)   # alone: nothing else ran meanwhile
             reach = max(reach, b)
+
+    def _count_run(self, model: str | None, seconds: float, alone: bool) -> None:
+        """Count one run of ``model`` in the per-model totals; ``alone``: its time alone too."""
+        if alone:
+            solo = self._solo.setdefault(model, [0.0, 0])
+            solo[0] += seconds
+            solo[1] += 1
+        self._runs[model] = self._runs.get(model, 0) + 1
+        self._apparent[model] = self._apparent.get(model, 0.0) + seconds
 
     def overlap(self) -> dict[str, float]:
         """How much task runs really overlapped, measured.
@@ -402,16 +392,13 @@ class Trace:
     def since(self, t0: float) -> list[Event]:
         """The kept events recorded at ``t0`` or later, oldest first.
 
-        Only the tail is turned into ``Event`` objects, so a view that refreshes a few times a
-        second costs the length of its window, not of the whole buffer. Events are appended in
-        time order except lock-free submits (recorded a moment late with the time of the call),
-        so the walk back stops at the first event older than ``t0`` by more than a second.
+        Only the tail is copied and turned into ``Event`` objects (the walk of :meth:`tail`,
+        from the newest), so a view that refreshes a few times a second costs the length of its
+        window, not of the whole buffer. Events are appended in time order except lock-free
+        submits (recorded a moment late with the time of the call), so the walk back stops at
+        the first event older than ``t0`` by more than a second.
         """
-        raw = _copy(self._events)
-        i = len(raw)
-        while i and raw[i - 1][0] >= t0 - 1.0:
-            i -= 1
-        return [Event(*e) for e in raw[i:] if e[0] >= t0]
+        return [Event(*e) for e in self.tail(None, t0)[0]]
 
     def tail(self, mark: tuple | None, since: float) -> tuple[list[tuple], tuple | None, bool]:
         """The kept events appended after ``mark``, for a view that follows the trace.
@@ -436,7 +423,7 @@ class Trace:
         cut = since - 1.0   # lock-free submits are recorded a moment late (see since())
         k = 256
         while True:
-            chunk = _newest(buf, k)   # newest first
+            chunk = _copy(buf, k)   # newest first
             for i, e in enumerate(chunk):
                 if e is mark:
                     return chunk[i - 1::-1] if i else [], chunk[0], True
