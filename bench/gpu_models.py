@@ -143,7 +143,7 @@ def offload_round_trip(zoo: Any, torch: Any, folder: Any, dtype: Any, gpu: bool,
     res["bit_exact"] = all(torch.equal(state[k].cpu(), v) for k, v in reference.items())
     res["tied_after"] = tied()
     res["on_device"] = all(str(p.device).startswith(target) for p in model.parameters())
-    del model
+    model = None   # drop it (the closures above are done with it)
     return res
 
 

@@ -69,7 +69,7 @@ def _switch_and_evict_rows(torch: Any, dev: Any, layers: int, reps: int) -> list
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     raw = statistics.median(_sync_wall(torch, lambda: dst.copy_(host, non_blocking=True)) for _ in range(reps))
-    del host, dst
+    host = dst = None   # drop the buffers (a del would leave the lambdas above naming nothing)
     dev.empty_caches()
 
     store = dev.host_copies
@@ -104,7 +104,7 @@ def _switch_and_evict_rows(torch: Any, dev: Any, layers: int, reps: int) -> list
     backs = store.copy_backs
     dev.offload(ctx, model)
     exact = store.copy_backs == backs + 1 and all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
-    del model
+    model = None   # drop the stack before the next rows (the closures above are done with it)
     dev.empty_caches()
 
     t_switch, t_serial = statistics.median(switch), statistics.median(serial)

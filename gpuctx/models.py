@@ -122,6 +122,8 @@ class Slot:
     load_cost: float = 1.0
     unload_cost: float = 0.0            # EWMA of measured unload/offload seconds (0 until one is seen)
     run_cost: float = 0.0               # EWMA of measured seconds per task (or batch) run (0 until one is seen)
+    last_arrival: float | None = None   # when its latest task was submitted (None: never)
+    arrival_gap: float | None = None    # EWMA of the gaps between its submits (None: fewer than two)
     queued: int = 0
     pending: int = 0
     loads: int = 0
@@ -137,6 +139,14 @@ class Slot:
     _mixed: bool = False                         # queued tasks of more than one priority (since empty)
     _first_priority: int = 0
     _samples: deque = field(default_factory=deque)   # recent measured working peaks (policy.WORKING_SAMPLES)
+
+    def note_arrival(self, now: float) -> None:
+        """Account a submit at ``now`` in :attr:`arrival_gap` (call with the lock held)."""
+        last = self.last_arrival
+        if last is not None:
+            gap = now - last
+            self.arrival_gap = gap if self.arrival_gap is None else 0.75 * self.arrival_gap + 0.25 * gap
+        self.last_arrival = now
 
     def note_run(self, seconds: float) -> None:
         """Account one task (or batch) run of ``seconds`` in :attr:`run_cost` (call with the lock held)."""

@@ -80,13 +80,17 @@ but a task that has waited ``max_wait`` is served before any younger task (the e
 :class:`~gpuctx.models.Slot` promotes it), so no task waits forever behind a stream of
 higher-priority tasks of its own model.
 
-**Eviction** (future-aware, Belady). Among resident, idle, unpinned models whose tier is
-at most the requester's: BEST_EFFORT first, then the model whose next use is furthest
-away (``next_use``: 0 with ready work, 1 with only pending work, waiting for
-dependencies, inf with nothing queued), then lower priority, then least recently used,
-then the cheapest to reload. A model's *charge* is ``max(reserved, used)``, so evicting a
-BURSTABLE model frees only its burst above the base; GUARANTEED models free nothing and
-are never chosen.
+**Eviction** (future-aware, Belady, weighted by what a miss costs). Among resident, idle,
+unpinned models whose tier is at most the requester's: BEST_EFFORT first; then a model that
+will not be used again (``next_use`` inf: nothing queued, nothing pending, and its calls do not
+arrive as a stream still going, :func:`expected`); then lower priority; then, among models
+that will be used again, the cheapest to switch back in (a 4.5 GB Whisper is not evicted for a
+2 GB TTS when a 1.5 GB LLM can go), and at equal cost the one used furthest ahead (0 with
+ready work, 1 with pending work or an expected call); then least recently used, then the
+cheapest to reload. When cheaper victims are running now, a start that has not waited its
+patience waits for their group to end rather than evict a dearer idle model. A model's
+*charge* is ``max(reserved, used)``, so evicting a BURSTABLE model frees only its burst
+above the base; GUARANTEED models free nothing and are never chosen.
 
 **Unknown sizes** (``vram="auto"`` before its first load measures it; ``SlotView.size_known``
 False). :func:`auto_size_claim` decides what such a load claims: its estimate (a size it had
@@ -272,9 +276,20 @@ def patience(s: SlotView, params: PolicyParams) -> float:
     return max(params.max_wait, params.switch_factor * switch_cost(s))
 
 
-def next_use(queued: int, pending: int) -> float:
-    """Distance to a slot's next use, for furthest-next-use eviction: 0 ready, 1 pending, inf none."""
-    return 0.0 if queued else 1.0 if pending else float("inf")
+def next_use(queued: int, pending: int, expected: bool = False) -> float:
+    """Distance to a slot's next use, for eviction: 0 ready, 1 pending or expected
+    (:func:`expected`), inf none."""
+    return 0.0 if queued else 1.0 if pending or expected else float("inf")
+
+
+EXPECT_GAPS = 3.0   # a stream of calls has stopped once this many of its mean gaps passed
+
+
+def expected(last_arrival: float | None, gap: float | None, now: float) -> bool:
+    """True while a model's calls arrive as a stream that has not stopped: it had two calls or
+    more, and the latest came within ``EXPECT_GAPS`` of their mean gap (an EWMA) of ``now``.
+    Calls submitted in one burst have a gap of about 0, so they stop being expected at once."""
+    return gap is not None and last_arrival is not None and now - last_arrival <= EXPECT_GAPS * gap
 
 
 def _waited(s: SlotView, now: float) -> float:
@@ -306,7 +321,19 @@ def rank_key(s: SlotView, now: float, params: PolicyParams) -> tuple:
 
 
 def _victim_key(s: SlotView) -> tuple:
-    return (s.qos, -_next_use(s), s.priority, s.last_used, s.load_cost, s.name)
+    use = _next_use(s)
+    needed = use != float("inf")   # a miss costs its switch back in only if it is used again
+    return (s.qos, needed, s.priority, switch_cost(s) if needed else 0.0, -use, s.last_used, s.load_cost, s.name)
+
+
+def _cheaper_running(pool: list[SlotView], need: int, requester: SlotView, victims: Sequence[str],
+                     slots: dict[str, SlotView]) -> bool:
+    """True when victims that switch back in for less than ``victims`` would be found were the
+    running groups in ``pool`` idle: the start is better made when they end."""
+    if not any(v.busy for v in pool):
+        return False
+    alt = choose_victims([replace(v, busy=False) if v.busy else v for v in pool], need, requester=requester)
+    return alt is not None and sum(map(switch_cost, map(slots.get, alt))) < sum(map(switch_cost, map(slots.get, victims)))
 
 
 def choose_victims(slots: Iterable[SlotView], need: int, requester: SlotView | None = None) -> tuple[str, ...] | None:
@@ -431,6 +458,8 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
             blocked = True
             held = _held_for(snapshot, s, pool, need - free)
             continue
+        if _waited(s, snapshot.now) < patience(s, params) and _cheaper_running(pool, need - free, s, victims, slots):
+            continue   # wait for a running group to end and evict it, not a dearer idle model now
         later = deferred_until(s, [slots[v] for v in victims], snapshot.now, params)
         if later is not None:
             wake = later if wake is None else min(wake, later)

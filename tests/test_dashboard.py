@@ -96,6 +96,27 @@ def test_no_update_is_sent_after_unload_ext(fresh):
     assert "gpuctx" not in shell.magics_manager.magics["line"]
 
 
+def test_a_task_that_ends_while_the_panel_reads_is_never_counted_both_done_and_live(fresh, gate, monkeypatch):
+    # The panel reads the ended counts, then the status. A task that ends between the two reads is
+    # then live in the status and not yet done: never both, which read the other way round showed
+    # as "10000 done" with tasks still live. The task is made to end exactly after the status read.
+    opened, started = gate(), threading.Event()
+    gpuctx.model("m", vram="1GB")(lambda: "M")
+    task = gpuctx.gpu_task(model="m")(lambda: started.set() or opened.wait(TIMEOUT))()
+    assert started.wait(TIMEOUT)
+    real = panel.Status.of
+
+    def status_then_end(sched):
+        st = real(sched)
+        opened.set()
+        task.result(TIMEOUT)   # resolved after the engine counted it ended
+        return st
+
+    monkeypatch.setattr(panel.Status, "of", status_then_end)
+    p = panel.Panel.of(gpuctx.scheduler())
+    assert task.done() and p.live + p.done + p.failed <= 1, (p.live, p.done)
+
+
 def test_a_10000_task_burst_is_coalesced_to_a_few_updates_per_second(board):
     gpuctx.model("m", vram="1GB")(lambda: "M")
     f = gpuctx.gpu_task(model="m")(lambda i: i)

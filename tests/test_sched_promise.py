@@ -279,6 +279,62 @@ def test_prefetch_takes_the_next_models_load_off_the_critical_path():
     assert with_pf.loads == without.loads == 2 and with_pf.peak <= 6 * G
 
 
+# -- weighted eviction: what a miss costs, streams, and a cheaper victim that is running ---------
+
+def test_a_stream_of_calls_is_expected_again_and_a_burst_is_not():
+    assert policy.expected(last_arrival=10.0, gap=3.0, now=18.9)          # within 3 mean gaps
+    assert not policy.expected(last_arrival=10.0, gap=3.0, now=19.1)      # the stream stopped
+    assert not policy.expected(last_arrival=0.0, gap=1e-6, now=0.1)       # a burst: over at once
+    assert not policy.expected(last_arrival=0.0, gap=None, now=0.0)       # one call is no stream
+    assert policy.next_use(0, 0, expected=True) == 1.0 and policy.next_use(0, 0) == float("inf")
+
+
+def test_among_models_used_again_the_cheapest_to_switch_back_goes_first():
+    whisper = view("whisper", 4.5, state=RESIDENT, used=int(4.5 * G), load_cost=4.5, last_used=1.0, next_use=1.0)
+    tts = view("tts", 2, state=RESIDENT, used=2 * G, load_cost=2.0, last_used=5.0, next_use=0.0)
+    # Both used again: tts (2 s back) rather than Whisper (4.5 s), though tts has ready work and was used last.
+    assert policy.choose_victims([whisper, tts], 2 * G) == ("tts",)
+    # Whisper never used again (inf): it goes, whatever it costs (Belady).
+    assert policy.choose_victims([replace(whisper, next_use=float("inf")), tts], 2 * G) == ("whisper",)
+    # At equal cost, the one used furthest ahead.
+    near = replace(whisper, name="near", load_cost=2.0, size=2 * G, used=2 * G, next_use=0.0, last_used=0.0)
+    far = replace(near, name="far", next_use=1.0, last_used=9.0)
+    assert policy.choose_victims([near, far], 2 * G) == ("far",)
+
+
+def _chat_medium(now: float, tts_since: float) -> Snapshot:
+    # Whisper (4.5 GB) idle, the LLM (1.5 GB) running, tts (2 GB) waits: 6.5 GB, tts needs 2.
+    return Snapshot(now=now, budget=int(6.5 * G), slots=(
+        view("whisper", 4.5, state=RESIDENT, used=int(4.5 * G), load_cost=4.5, next_use=1.0),
+        view("llm", 1.5, state=RESIDENT, used=int(1.5 * G), load_cost=1.5, busy=True, queued=2, started=now - 1,
+             waiting_since=now - 1, run_cost=1.5),
+        view("tts", 2, queued=3, oldest=tts_since, load_cost=2.0),
+    ))
+
+
+def test_a_start_waits_for_a_cheaper_running_victim_instead_of_evicting_a_dearer_idle_one():
+    # Evicting Whisper now costs its 4.5 s reload; the LLM's group ends soon and costs 1.5 s back.
+    snap = _chat_medium(20.0, 10.0)
+    assert plan(snap) == [] and policy.plan_wake(snap)[1] is None     # no timed wake: the group's end re-plans
+    # With the LLM idle, the plan evicts it, not Whisper.
+    idle = replace(snap, slots=(snap.slots[0], replace(snap.slots[1], busy=False, started=None, queued=0, next_use=1.0),
+                                snap.slots[2]))
+    assert plan(idle) == [Start("tts", ("llm",), 2 * G)]
+    # The starvation bound: once tts has waited its patience (30 s), it evicts Whisper at once.
+    assert plan(_chat_medium(40.1, 10.0)) == [Start("tts", ("whisper",), 2 * G)]
+
+
+def test_the_chat_trace_at_the_medium_budget_keeps_whisper_while_conversations_arrive():
+    # Every two of the three models fit, all three do not. Before the weighted eviction, the
+    # three rotated: Whisper (4.5 s to load) was evicted 4 times, 33.5 s of loads in 13. Now the
+    # LLM and the TTS take turns beside it: 2 (one where the arrivals pause), 28 s in 13.
+    models, tasks = _chat(0, 0.0)
+    r = simulate(models, tasks, int(6.5 * G))
+    cost = {m.name: m.load_s for m in models}
+    assert r.sequence.count(("unload", "asr")) <= 2 and r.loads <= 13, r.sequence
+    assert sum(cost[m] for kind, m in r.sequence if kind == "load") <= 28.0 + 1e-9
+
+
 # -- robustness to timing noise ------------------------------------------------------------------
 
 def _chat(seed: int, jitter: float):

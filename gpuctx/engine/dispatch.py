@@ -39,7 +39,7 @@ class _Dispatch:
                 load_cost=s.load_cost if s.loads else policy.estimated_load_cost(s.size, self._load_rate),
                 queued=s.queued, pending=s.pending, head_priority=s.head_priority(),
                 oldest=ready_at, unload_cost=s.unload_cost, waiting_since=waiting_since,
-                started=started, next_use=policy.next_use(s.queued, s.pending),
+                started=started, next_use=policy.next_use(s.queued, s.pending, policy.expected(s.last_arrival, s.arrival_gap, now)),
                 keep_alive=s.keep_alive if s.keep_alive is not None else self.config.keep_alive, label=s.is_label,
                 working=s.working_charged, next_working=self._next_working_locked(s), sm_share=s.sm_share,
                 run_cost=s.run_cost, size_known=s.size_source != "auto",

@@ -98,7 +98,9 @@ class _Intake:
             live.add(task)
         self.trace.submitted(task)
         if not task._on_cpu:
-            self._slots[task.model].pending += 1
+            slot = self._slots[task.model]
+            slot.pending += 1
+            slot.note_arrival(task.submitted_at)
         if not task._deps:
             return True
         for d in task._deps:
