@@ -87,8 +87,9 @@ arrive as a stream still going, :func:`expected`); then lower priority; then, am
 that will be used again, the cheapest to switch back in (a 4.5 GB Whisper is not evicted for a
 2 GB TTS when a 1.5 GB LLM can go), and at equal cost the one used furthest ahead (0 with
 ready work, 1 with pending work or an expected call); then least recently used, then the
-cheapest to reload. When cheaper victims are running now, a start that has not waited its
-patience waits for their group to end rather than evict a dearer idle model. A model's
+cheapest to reload. When cheaper victims are running now, a start waits for their group to end,
+up to its patience, rather than evict a dearer idle model (:func:`cheaper_running`,
+:func:`deferred_until`); a pre-emption by a strictly higher class does not wait. A model's
 *charge* is ``max(reserved, used)``, so evicting a BURSTABLE model frees only its burst
 above the base; GUARANTEED models free nothing and are never chosen.
 
@@ -326,14 +327,14 @@ def _victim_key(s: SlotView) -> tuple:
     return (s.qos, needed, s.priority, switch_cost(s) if needed else 0.0, -use, s.last_used, s.load_cost, s.name)
 
 
-def _cheaper_running(pool: list[SlotView], need: int, requester: SlotView, victims: Sequence[str],
-                     slots: dict[str, SlotView]) -> bool:
-    """True when victims that switch back in for less than ``victims`` would be found were the
-    running groups in ``pool`` idle: the start is better made when they end."""
+def cheaper_running(pool: Sequence[SlotView], need: int, requester: SlotView, victims: Sequence[SlotView]) -> bool:
+    """True when evicting models that run now, once their groups end, would cost less in switches
+    than ``victims`` (the idle ones :func:`choose_victims` found)."""
     if not any(v.busy for v in pool):
         return False
     alt = choose_victims([replace(v, busy=False) if v.busy else v for v in pool], need, requester=requester)
-    return alt is not None and sum(map(switch_cost, map(slots.get, alt))) < sum(map(switch_cost, map(slots.get, victims)))
+    views = {v.name: v for v in pool}
+    return alt is not None and sum(switch_cost(views[n]) for n in alt) < sum(map(switch_cost, victims))
 
 
 def choose_victims(slots: Iterable[SlotView], need: int, requester: SlotView | None = None) -> tuple[str, ...] | None:
@@ -384,7 +385,8 @@ def plan(snapshot: Snapshot) -> list[Start]:
     return plan_wake(snapshot)[0]
 
 
-def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params: PolicyParams) -> float | None:
+def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params: PolicyParams,
+                   wait_for_running: bool = False) -> float | None:
     """When a start of ``s`` that must evict ``victims`` is worth its switches, or None if it is now.
 
     Rent or buy: evicting an idle model to make room costs its reload when its work comes
@@ -393,17 +395,21 @@ def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params:
     switch costs, from the wait's start), and meanwhile more of its work gathers in one group.
     (Counting the wait of every queued task, ``queued x wait``, made the start earlier the more
     arrived; on the virtual driver with run and load times jittered by up to 30%, that made
-    loads vary by more than 10% in twice as many benchmark rows, and made more of them.) Never for an urgent group, nor for a strictly
-    higher class than every victim's queued work (a pre-emption is not delayed), nor when no
-    victim is needed. At most that sum of switch costs per start: the starvation bound holds.
+    loads vary by more than 10% in twice as many benchmark rows, and made more of them.) Never
+    for an urgent group, nor for a strictly higher class than every victim's queued work (a
+    pre-emption is not delayed), nor when no victim is needed. With ``wait_for_running`` (:func:`cheaper_running`: cheaper victims run
+    now), the start waits for their group to end (which plans again) up to ``s``'s patience,
+    rather than evict the dearer idle ones. Never past the patience: the starvation bound holds.
     """
     if not victims or _waited(s, now) >= patience(s, params):
         return None
     with_work = [v for v in victims if v.queued]
     if with_work and all((s.qos, s.head_priority) > (v.qos, v.head_priority) for v in with_work):
         return None
-    cost = switch_cost(s) + sum(switch_cost(v) for v in victims)
-    at = _since(s) + cost
+    if wait_for_running:
+        at = _since(s) + patience(s, params)
+    else:
+        at = _since(s) + switch_cost(s) + sum(switch_cost(v) for v in victims)
     return at if at > now else None
 
 
@@ -458,9 +464,8 @@ def plan_wake(snapshot: Snapshot) -> tuple[list[Start], float | None]:
             blocked = True
             held = _held_for(snapshot, s, pool, need - free)
             continue
-        if _waited(s, snapshot.now) < patience(s, params) and _cheaper_running(pool, need - free, s, victims, slots):
-            continue   # wait for a running group to end and evict it, not a dearer idle model now
-        later = deferred_until(s, [slots[v] for v in victims], snapshot.now, params)
+        views = [slots[v] for v in victims]
+        later = deferred_until(s, views, snapshot.now, params, cheaper_running(pool, need - free, s, views))
         if later is not None:
             wake = later if wake is None else min(wake, later)
             continue
@@ -581,9 +586,13 @@ _TIER_NAMES = {BEST_EFFORT: "best_effort", BURSTABLE: "burstable", GUARANTEED: "
 
 
 def victim_reason(s: SlotView) -> str:
-    """Why ``s`` is evicted, in the terms of the eviction order (tier, next use, priority, idle)."""
-    work = "no queued work" if _next_use(s) == float("inf") else "has queued work"
-    return f"{work}, {_TIER_NAMES[s.qos]}, priority {s.priority}, idle"
+    """Why ``s`` is evicted, in the terms of the eviction order (tier, next use, priority, the
+    cost of switching back, idle)."""
+    if _next_use(s) == float("inf"):
+        return f"no queued work, {_TIER_NAMES[s.qos]}, priority {s.priority}, idle"
+    work = "has queued work" if s.queued else "has pending work" if s.pending else "calls expected"
+    return (f"{work}, {_TIER_NAMES[s.qos]}, priority {s.priority}, "
+            f"{format(switch_cost(s), '.3g')} s to switch back in, idle")
 
 
 def keep_alive_due(slots: Iterable[SlotView], now: float) -> tuple[tuple[str, ...], float | None]:

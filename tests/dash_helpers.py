@@ -14,15 +14,18 @@ def model_line(d: panel.Dashboard | panel.Panel, name: str) -> panel.ModelLine |
     return next((m for m in p.models if m.name == name), None)
 
 
-def wait_for(d: panel.Dashboard, pred, timeout: float = TIMEOUT) -> list[str]:
+def wait_for(d: panel.Dashboard, pred, timeout: float = TIMEOUT, *, sent: bool = False) -> list[str]:
     """Block until a refresh sent by the dashboard's own thread shows ``pred(d.panel)``; returns the
-    names of the threads that sent the values seen meanwhile (the first check runs here)."""
+    names of the threads that sent the values seen meanwhile. The first check runs here, and
+    counts unless ``sent``: then only a value sent after this call began does."""
     seen = threading.Event()
     senders: list[str] = []
 
     def check(_change=None):
         if _change is not None:
             senders.append(threading.current_thread().name)
+        elif sent:
+            return
         if pred(d.panel):
             seen.set()
 

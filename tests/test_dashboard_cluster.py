@@ -82,7 +82,9 @@ def test_the_dashboard_shows_each_worker_its_models_and_lanes_and_a_lost_worker(
                 and b in lanes and any(c is not None and c[1] == b for c in lanes[b]) and p.done >= 5
                 and _worker(p, held_worker).running == 1 and _worker(p, held_worker).queued == 1)
 
-    senders = wait_for(d, shows_both, TIMEOUT)
+    # a value sent after this point shows it (the panel may show it already: then the next refresh,
+    # which still changes the value, since a's oldest wait grows)
+    senders = wait_for(d, shows_both, TIMEOUT, sent=True)
     assert senders and set(senders) == {"gpuctx-dashboard"}   # driven from the dashboard's own thread
     p = d.panel
     w_a, w_b = _worker(p, held_worker), _worker(p, other)

@@ -413,6 +413,8 @@ def test_overflow_batch_window_evict_all_and_victim_reasons_are_pure_decisions()
     assert evictable_now(views) == ("a",)
     assert victim_reason(SlotView("a", 1, state=RESIDENT)) == "no queued work, burstable, priority 0, idle"
     assert victim_reason(SlotView("a", 1, state=RESIDENT, queued=2, priority=3)).startswith("has queued work")
+    assert victim_reason(SlotView("a", 1, state=RESIDENT, next_use=1.0, load_cost=1.5, unload_cost=0.25)) == (
+        "calls expected, burstable, priority 0, 1.75 s to switch back in, idle")
 
 
 def test_should_yield_is_false_when_no_other_group_waits_which_the_engine_shortcut_relies_on():

@@ -315,13 +315,32 @@ def _chat_medium(now: float, tts_since: float) -> Snapshot:
 def test_a_start_waits_for_a_cheaper_running_victim_instead_of_evicting_a_dearer_idle_one():
     # Evicting Whisper now costs its 4.5 s reload; the LLM's group ends soon and costs 1.5 s back.
     snap = _chat_medium(20.0, 10.0)
-    assert plan(snap) == [] and policy.plan_wake(snap)[1] is None     # no timed wake: the group's end re-plans
+    # No start; the engine plans again by itself at tts's patience (10 + 30 s), if the LLM's group
+    # has not ended by then (its end plans again too).
+    assert plan(snap) == [] and policy.plan_wake(snap)[1] == 40.0
     # With the LLM idle, the plan evicts it, not Whisper.
     idle = replace(snap, slots=(snap.slots[0], replace(snap.slots[1], busy=False, started=None, queued=0, next_use=1.0),
                                 snap.slots[2]))
     assert plan(idle) == [Start("tts", ("llm",), 2 * G)]
     # The starvation bound: once tts has waited its patience (30 s), it evicts Whisper at once.
     assert plan(_chat_medium(40.1, 10.0)) == [Start("tts", ("whisper",), 2 * G)]
+    # A strictly higher class pre-empts the cheap running group at its next task boundary
+    # (should_yield) rather than evict the idle Whisper.
+    hi = replace(snap, slots=snap.slots[:2] + (replace(snap.slots[2], head_priority=5),))
+    assert plan(hi) == [] and should_yield(hi, "llm")
+    assert not should_yield(snap, "llm")          # an equal class does not pre-empt
+
+
+def test_waiting_for_a_cheaper_running_victim_ends_at_the_patience_even_if_its_task_does_not():
+    # big (4 GB, 4 s to load) idle and used again; small (1 GB) runs one 100 s call; c (1 GB)
+    # arrives at 2 and needs room (budget 5 GB). Waiting for small's group to end would take 98 s:
+    # c waits its patience (30 s) and evicts big, by the engine's own re-plan at 32.
+    models = [SimModel("big", 4 * G, 4.0), SimModel("small", 1 * G, 1.0), SimModel("c", 1 * G, 1.0)]
+    tasks = [SimTask(0, "big", 0.0, 0.1), SimTask(1, "small", 0.0, 100.0), SimTask(2, "c", 2.0, 0.1),
+             SimTask(3, "big", 2.0, 0.1, deps=(1,))]
+    r = simulate(models, tasks, 5 * G)
+    assert abs(r.start[2] - (2.0 + 30.0 + 1.0)) < 1e-6, r.start   # its patience, then its 1 s load
+    assert ("unload", "big") in r.sequence
 
 
 def test_the_chat_trace_at_the_medium_budget_keeps_whisper_while_conversations_arrive():
