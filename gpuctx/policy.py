@@ -397,9 +397,10 @@ def deferred_until(s: SlotView, victims: Sequence[SlotView], now: float, params:
     arrived; on the virtual driver with run and load times jittered by up to 30%, that made
     loads vary by more than 10% in twice as many benchmark rows, and made more of them.) Never
     for an urgent group, nor for a strictly higher class than every victim's queued work (a
-    pre-emption is not delayed), nor when no victim is needed. With ``wait_for_running`` (:func:`cheaper_running`: cheaper victims run
-    now), the start waits for their group to end (which plans again) up to ``s``'s patience,
-    rather than evict the dearer idle ones. Never past the patience: the starvation bound holds.
+    pre-emption is not delayed), nor when no victim is needed. With ``wait_for_running``
+    (:func:`cheaper_running`: cheaper victims run now), the start waits for their group to end
+    (which plans again) up to ``s``'s patience, rather than evict the dearer idle ones. Never
+    past the patience: the starvation bound holds.
     """
     if not victims or _waited(s, now) >= patience(s, params):
         return None
