@@ -739,8 +739,10 @@ def share_may_take(budget: int, demands: Sequence[ShareDemand], me: int, extra: 
 
 
 def _share_victim_key(m: SharedModel, over: set[int]) -> tuple:
-    return (0 if m.kernel in over else 1, 1 if m.queued else 0, m.priority, -m.idle_for, m.load_cost,
-            m.kernel, m.model)
+    # As inside a kernel: a model with work coming costs its reload when evicted, so among those
+    # the cheapest to load again goes first (a share sees no streams of calls, only queued work).
+    return (0 if m.kernel in over else 1, 1 if m.queued else 0, m.priority, m.load_cost if m.queued else 0.0,
+            -m.idle_for, m.load_cost, m.kernel, m.model)
 
 
 def share_victims(models: Iterable[SharedModel], need: int, me: int, budget: int,
@@ -748,8 +750,8 @@ def share_victims(models: Iterable[SharedModel], need: int, me: int, budget: int
     """(kernel, model) pairs of OTHER kernels to ask to evict so ``need`` bytes come free, or None.
 
     Candidates are idle, unpinned models of other kernels; the order is the fairness rule's
-    (owners above their fair share first), then no queued work first, lower priority, least
-    recently used, cheapest to reload. The fewest are taken, then any found unnecessary are put back.
+    (owners above their fair share first), then no queued work first, lower priority, among
+    models with queued work the cheapest to reload, then least recently used, cheapest to reload. The fewest are taken, then any found unnecessary are put back.
     """
     if need <= 0:
         return ()

@@ -237,6 +237,10 @@ def test_share_victims_follow_the_fairness_rule_then_the_policy_order():
     # no queued work goes before queued work, then lower priority
     models2 = [M(2, "q", 250, busy=False, queued=1, idle_for=99), M(2, "p", 250, busy=False, priority=5)]
     assert policy.share_victims(models2, 200, 1, budget, demands) == ((2, "p"),)
+    # among models with queued work, the cheapest to load again, however recently used
+    models3 = [M(2, "dear", 250, busy=False, queued=1, idle_for=99, load_cost=4.5),
+               M(2, "cheap", 250, busy=False, queued=1, idle_for=1, load_cost=1.5)]
+    assert policy.share_victims(models3, 200, 1, budget, demands) == ((2, "cheap"),)
     # busy and pinned models are never victims; our own neither
     assert policy.share_victims([M(2, "b", 900), M(3, "p", 900, busy=False, pinned=True),
                                  M(1, "mine", 900, busy=False)], 100, 1, budget, demands) is None
